@@ -1,0 +1,3 @@
+from facetrec.cli import main
+
+main()
