@@ -1,0 +1,263 @@
+"""Typed configuration: frozen dataclasses loaded from YAML, with `--set dotted.key=value` overrides.
+
+Two keys are a fixed contract that users and scripts rely on:
+  data.root  the directory holding the raw dataset's files
+  run.dir    where a command writes its outputs (summary.json, metrics.json, checkpoints)
+
+Model hyper-parameters live in each model's own config class (`MINDConfig`, `DIENConfig`, ...);
+here they are kept as a plain mapping under `model` and validated by the model's class when
+training builds it, so an unknown model key is reported with the model's valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, get_args, get_origin, get_type_hints
+
+import yaml
+
+from facetrec.errors import ConfigError
+
+# Where relative data roots in shipped configs point: ../shared/data beside the project,
+# or $FACETREC_DATA when set.
+DATA_ENV = "FACETREC_DATA"
+
+
+@dataclass(frozen=True)
+class ItemTable:
+    """A side table of item attributes.
+
+    Two layouts: `wide` (one row per item; each field a column, multi-valued fields hold
+    `multi_sep`-separated values) and `long` (one row per item-value pair, e.g.
+    `amazon-hin/item_category.dat`; the same item repeats for a multi-valued attribute).
+    """
+
+    file: str  # path relative to data.root
+    key: str = "item_id"  # column holding the raw item id (or its position for header-less files)
+    fields: dict[str, str] = field(default_factory=dict)  # field name -> column
+    multi: tuple[str, ...] = ()  # fields that hold several values
+    multi_sep: str = ","  # separator inside a multi-valued cell (wide layout)
+    layout: str = "wide"  # wide | long
+    sep: str = "\t"
+    header: bool = True
+    columns: tuple[str, ...] = ()  # names for a header-less file's columns
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the raw log is and how to read it."""
+
+    name: str = "dataset"  # shown in summaries and metrics.json
+    format: str = "generic"  # generic | amazon | movielens | taobao
+    root: str = "../shared/data/amazon-beauty"  # directory with the raw files (contract key)
+    interactions: str = "interactions.tsv"  # file name inside root
+    sep: str = "\t"
+    header: bool = True
+    columns: tuple[str, ...] = ()  # names for a header-less file's columns (generic)
+    user: str = "user_id"  # column holding the user id
+    item: str = "item_id"  # column holding the item id
+    time: str = "timestamp"  # column holding the event time (integer or float seconds)
+    rating: str = ""  # optional rating column
+    behavior: str = ""  # optional behaviour column (pv / cart / fav / buy)
+    item_fields: dict[str, str] = field(default_factory=dict)  # item attributes carried in the log: field -> column
+    item_tables: tuple[ItemTable, ...] = ()
+    behaviors: tuple[str, ...] = ()  # keep only these behaviours (empty = all)
+    metadata: str = ""  # amazon: optional metadata file (JSON lines with asin + categories)
+    movies: str = ""  # movielens: optional movies.dat / movies.csv with genres
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Filtering, id mapping and splits (SPEC §1.2-1.3)."""
+
+    min_user_events: int = 5  # k-core: users need at least this many events
+    min_item_events: int = 5  # k-core: items need at least this many events
+    max_history: int = 20  # longest history fed to a model (20 for Amazon, 50 for Taobao)
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / valid / test users
+    history_frac: float = 0.8  # valid/test users: this share of their events is the history
+    seed: int = 2026
+    lenient: bool = False  # skip and count bad rows instead of failing
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and evaluation settings shared by every model."""
+
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 3  # early stopping: epochs without a better valid metric
+    eval_every: int = 1  # epochs between validations
+    n_negatives: int = 1000  # retrieval: sampled negatives per batch
+    negatives: str = "uniform"  # retrieval: uniform | popularity
+    in_batch_negatives: bool = False
+    protocol: str = "user_split"  # retrieval: user_split | leave_last_out
+    top_m: int = 200  # retrieval eval: candidates per interest
+    index: str = "exact"  # exact | hnsw | ivf | ivfpq
+    index_params: dict[str, Any] = field(default_factory=dict)
+    threads: int = 0  # torch threads (0 = leave torch's default)
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    max_steps: int = 0  # stop after this many steps (0 = no limit; for smoke runs)
+    max_eval_users: int = 0  # cap users evaluated (0 = all)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/default"  # where outputs go (contract key)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    model: dict[str, Any] = field(default_factory=dict)  # validated by the model's own config class
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def data_root(self) -> Path:
+        return resolve_data_root(self.data.root)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def resolve_data_root(root: str) -> Path:
+    """Expand `~` and env vars; a root under `../shared/data` follows $FACETREC_DATA when set."""
+    root = os.path.expandvars(os.path.expanduser(root))
+    env = os.environ.get(DATA_ENV)
+    marker = "shared/data"
+    if env and marker in root:
+        tail = root.split(marker, 1)[1].lstrip("/")
+        return Path(env) / tail
+    return Path(root)
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    """Construct dataclass `cls` from a mapping, checking keys and coercing simple types."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(where + k for k in unknown)}; valid keys: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin is tuple:
+        if value is None:
+            return ()
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        args = get_args(tp)
+        inner = args[0] if args else Any
+        return tuple(_coerce(inner, v, key) for v in value)
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        return str(value)
+    return value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `dotted.key=value` strings; values are parsed as YAML (so 3 is int, true is bool)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.epochs=3")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: empty part in key {key!r}")
+        node = raw
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults), apply overrides, return a typed Config.
+
+    A config may name a `base:` file (relative to itself) whose keys it extends.
+
+    Example:
+        >>> cfg = load_config(None, ["run.dir=runs/x", "train.epochs=2"])
+        >>> cfg.train.epochs
+        2
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    raw = apply_overrides(raw, list(overrides or []))
+    return _build(Config, raw, "")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file {path} not found; pass a YAML file such as configs/amazon-beauty.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data, prepare, model, train, run)")
+    base = raw.pop("base", None)
+    if base:
+        merged = _read_yaml((path.parent / base).resolve())
+        return _merge(merged, raw)
+    return raw
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
