@@ -1,0 +1,137 @@
+"""Model-agnostic training: fit / evaluate / checkpoint / resume / early stopping.
+
+A model family hands the loop a `Task` (its model, its batches, its loss, its evaluation);
+the loop owns the optimiser, the progress bar, the JSONL log, the checkpoints (written
+atomically) and early stopping on the task's monitored validation metric.
+
+Run directory:
+  config.yaml        the resolved config
+  train_log.jsonl    one line per logged step window and per validation
+  last.pt            model + optimiser + loop state after the last finished epoch (resume)
+  best.pt            model weights with the best validation metric
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from facetrec.config import TrainConfig
+from facetrec.io import atomic_write
+
+
+@dataclass
+class Task:
+    """What a model family provides to the loop."""
+
+    model: nn.Module
+    batches: Callable[[int], Iterable[Any]]  # epoch -> training batches (reshuffled per epoch)
+    n_batches: int  # batches per epoch (for the progress bar)
+    loss: Callable[[Any], tuple[torch.Tensor, dict[str, float]]]  # batch -> (loss, parts to log)
+    evaluate: Callable[[str], dict[str, float]]  # split ("valid" | "test") -> metrics
+    monitor: str  # validation metric to maximise, e.g. "recall@50" or "auc"
+
+
+@dataclass
+class FitResult:
+    best_valid: dict[str, float]
+    best_epoch: int
+    epochs: int
+    seconds: float
+    steps: int
+
+
+def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, lambda f: f.write(buf.getbuffer()))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: int = 50,
+        progress: bool = True) -> FitResult:
+    """Train with early stopping on `task.monitor`; resume from run_dir/last.pt when present."""
+    model = task.model
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = {"epoch": 0, "step": 0, "best": -math.inf, "best_epoch": 0, "bad": 0, "seconds": 0.0, "best_valid": {}}
+    last = run_dir / "last.pt"
+    if last.exists():
+        ck = load_checkpoint(last)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optim"])
+        state.update(json.loads(ck["state"]))
+        if rank == 0:
+            print(f"resuming {run_dir} after epoch {state['epoch']} (best {task.monitor} {state['best']:.4f})")
+    log = open(run_dir / "train_log.jsonl", "a") if rank == 0 else None
+    t_start = time.perf_counter() - state["seconds"]
+    stop = state["bad"] >= cfg.patience
+    try:
+        while state["epoch"] < cfg.epochs and not stop:
+            epoch = state["epoch"] + 1
+            model.train()
+            bar = tqdm(task.batches(cfg.seed * 1000 + epoch), total=task.n_batches, desc=f"epoch {epoch}",
+                       disable=not progress or rank != 0, leave=False, mininterval=1.0)
+            window: dict[str, float] = {}
+            n_window = 0
+            for batch in bar:
+                loss, parts = task.loss(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                state["step"] += 1
+                n_window += 1
+                for k, v in {"loss": float(loss.detach()), **parts}.items():
+                    window[k] = window.get(k, 0.0) + v
+                if n_window == log_every:
+                    means = {k: v / n_window for k, v in window.items()}
+                    bar.set_postfix(loss=f"{means['loss']:.4f}")
+                    if log:
+                        log.write(json.dumps({"epoch": epoch, "step": state["step"], **means}) + "\n")
+                    window, n_window = {}, 0
+                if not math.isfinite(float(loss)):
+                    raise FloatingPointError(f"loss became {float(loss)} at step {state['step']}; lower train.lr")
+                if cfg.max_steps and state["step"] >= cfg.max_steps:
+                    stop = True
+                    break
+            state["epoch"] = epoch
+            if epoch % cfg.eval_every == 0 or stop or epoch == cfg.epochs:
+                valid = task.evaluate("valid")
+                score = valid[task.monitor]
+                improved = score > state["best"]
+                if improved:
+                    state.update(best=score, best_epoch=epoch, bad=0, best_valid=valid)
+                    if rank == 0:
+                        buf = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+                        save_checkpoint(run_dir / "best.pt", {"model": buf})
+                else:
+                    state["bad"] += 1
+                    stop = stop or state["bad"] >= cfg.patience
+                if rank == 0:
+                    print(f"epoch {epoch}: valid " + " ".join(f"{k} {v:.4f}" for k, v in valid.items())
+                          + ("  *" if improved else ""))
+                    if log:
+                        log.write(json.dumps({"epoch": epoch, "step": state["step"], "valid": valid}) + "\n")
+            state["seconds"] = time.perf_counter() - t_start
+            if rank == 0:
+                save_checkpoint(last, {"model": model.state_dict(), "optim": opt.state_dict(), "state": json.dumps(state)})
+            if log:
+                log.flush()
+    finally:
+        if log:
+            log.close()
+    best = run_dir / "best.pt"
+    if best.exists():
+        model.load_state_dict(load_checkpoint(best)["model"])
+    return FitResult(state["best_valid"], state["best_epoch"], state["epoch"], time.perf_counter() - t_start, state["step"])

@@ -1,0 +1,37 @@
+import pytest
+
+from facetrec.config import ConfigError, load_config
+from tests.conftest import ROOT
+
+
+def test_defaults_and_overrides_are_typed():
+    cfg = load_config(ROOT / "configs" / "amazon-beauty.yaml", ["train.epochs=3", "data.root=/x/y", "run.dir=runs/t"])
+    assert cfg.train.epochs == 3 and cfg.data.root == "/x/y" and cfg.run.dir == "runs/t"
+    assert cfg.data.item_tables[0].multi == ("attrs",)
+
+
+def test_unknown_key_is_named_with_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"train\.epoch\b.*valid keys:.*epochs"):
+        load_config(None, ["train.epoch=3"])
+
+
+def test_wrong_type_is_rejected():
+    with pytest.raises(ConfigError, match="train.epochs: expected an integer"):
+        load_config(None, ["train.epochs=three"])
+
+
+def test_override_without_equals_explains_the_form():
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(None, ["train.epochs"])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent.yaml")
+
+
+def test_base_inheritance(tmp_path):
+    (tmp_path / "base.yaml").write_text("train: {epochs: 7, lr: 0.01}\nrun: {dir: a}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain: {epochs: 2}\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert cfg.train.epochs == 2 and cfg.train.lr == 0.01 and cfg.run.dir == "a"
