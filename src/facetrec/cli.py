@@ -60,6 +60,35 @@ def prepare(
         _fail(e)
 
 
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="YAML config, e.g. configs/amazon-beauty/mind.yaml."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Train a model (preparing its data first when needed); writes checkpoints and metrics.json to run.dir."""
+    from facetrec.config import load_config
+    from facetrec.train.distributed import launch
+
+    try:
+        launch(load_config(config, list(set_ or [])), progress=not quiet)
+    except FacetrecError as e:
+        _fail(e)
+
+
+@app.command()
+def evaluate(run_dir: Path = typer.Argument(..., help="A run directory written by `facetrec train`.")) -> None:
+    """Recompute a run's metrics.json from its config and best weights."""
+    from facetrec.train.run import evaluate as run_evaluate
+
+    try:
+        out = run_evaluate(run_dir)
+    except FacetrecError as e:
+        _fail(e)
+    test = {k: v for k, v in out["test"].items() if isinstance(v, float)}
+    typer.echo("test " + " ".join(f"{k} {v:.4f}" for k, v in test.items()))
+
+
 def main() -> None:
     app()
 

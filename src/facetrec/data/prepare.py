@@ -68,7 +68,7 @@ def prepare(cfg: Config, out_dir: str | Path | None = None, verbose: bool = True
     counts = np.diff(offsets)
 
     rng = np.random.default_rng(p.seed)
-    pair_keys = np.unique(uid.astype(np.int64) * n_items + iid)
+    pair_keys = np.sort(uid.astype(np.int64) * n_items + iid)  # membership tests by searchsorted
     aux_neg = _sample_not_equal(rng, iid, n_items)
     split = _user_split(rng, n_users - 1, p.split)
     ranking = _ranking_samples(rng, uid, iid, offsets, counts, n_items, pair_keys)
@@ -80,8 +80,7 @@ def prepare(cfg: Config, out_dir: str | Path | None = None, verbose: bool = True
         if extra in events.columns:
             cols[extra] = events[extra].to_numpy() if extra == "rating" else events[extra]
     _write_parquet(pl.DataFrame(cols), out / "events.parquet")
-    split_names = np.array(["train", "valid", "test"])
-    _write_parquet(users.with_columns(pl.Series("split", split_names[split]), pl.Series("n_events", counts.astype(np.int32)))
+    _write_parquet(users.with_columns(split_labels(split), pl.Series("n_events", counts.astype(np.int32)))
                    .select("id", "raw_id", "split", "n_events"), out / "users.parquet")
     _write_parquet(items.with_columns(pl.Series("count", np.bincount(iid, minlength=n_items)[1:].astype(np.int32))),
                    out / "items.parquet")
@@ -124,6 +123,14 @@ def prepare(cfg: Config, out_dir: str | Path | None = None, verbose: bool = True
     if verbose:
         print(format_summary(summary, out))
     return summary
+
+
+SPLIT_ENUM = pl.Enum(["train", "valid", "test"])
+
+
+def split_labels(codes: np.ndarray) -> pl.Series:
+    """0/1/2 codes -> a compact train/valid/test column."""
+    return pl.Series("split", codes.astype(np.uint8)).replace_strict({0: "train", 1: "valid", 2: "test"}, return_dtype=SPLIT_ENUM)
 
 
 def _check_settings(p: PrepareConfig) -> None:
@@ -200,15 +207,14 @@ def _ranking_samples(rng, uid, iid, offsets, counts, n_items, pair_keys) -> pl.D
     last = counts[users - 1] - 1
     split = np.where(t == last, 2, np.where(t == last - 1, 1, 0)).astype(np.int8)
     neg = sample_negatives_for_users(rng, users, n_items, pair_keys)
-    names = np.array(["train", "valid", "test"])
-    m = len(idx)
+    both = lambda a, b: np.stack([a, b], axis=1).ravel()  # positive then its negative, sample by sample
     return pl.DataFrame({
-        "user": np.concatenate([users, users]),
-        "pos": np.concatenate([t, t]),
-        "target": np.concatenate([iid[idx], neg]).astype(np.int32),
-        "label": np.concatenate([np.ones(m, np.int8), np.zeros(m, np.int8)]),
-        "split": np.concatenate([names[split], names[split]]),
-    }).sort(["user", "pos"], maintain_order=True)
+        "user": both(users, users),
+        "pos": both(t, t),
+        "target": both(iid[idx], neg).astype(np.int32),
+        "label": both(np.ones(len(idx), np.int8), np.zeros(len(idx), np.int8)),
+        "split": split_labels(both(split, split)),
+    })
 
 
 def _item_features(log: RawLog, items: pl.DataFrame, n_items: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

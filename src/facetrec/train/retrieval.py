@@ -1,0 +1,163 @@
+"""Retrieval training and evaluation: MIND, YouTube DNN (MIND with K = 1, mean pooling), popularity.
+
+Evaluation goes through the ANN layer exactly as serving does: each valid interest queries the
+index for its top-M items, results are merged by max over interests, history items are
+excluded, and Recall / NDCG / HR @20 and @50 are computed against the user's targets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from facetrec.config import Config
+from facetrec.data.dataset import (Prepared, RetrievalEvalSet, history_csr, minibatches, retrieval_batch,
+                                   retrieval_eval_set, retrieval_train_samples)
+from facetrec.errors import ConfigError
+from facetrec.eval.metrics import topn_metrics
+from facetrec.index.ann import ann_recall, build_index, multi_interest_search
+from facetrec.models.losses import NegativeSampler, retrieval_loss
+from facetrec.models.mind import MIND, MINDConfig
+from facetrec.train.loop import Task
+
+KS = (20, 50)
+RETRIEVAL_MODELS = ("mind", "youtubednn", "popularity")
+
+
+def mind_config(cfg: Config, prep: Prepared) -> MINDConfig:
+    """The model section of the config as a MINDConfig (youtubednn = K 1, mean pooling)."""
+    params = dict(cfg.model)
+    name = params.pop("name", "mind")
+    if name == "youtubednn":
+        params.setdefault("n_interests", 1)
+        params.setdefault("pooling", "mean")
+    names = {f.name for f in dataclasses.fields(MINDConfig)}
+    unknown = sorted(set(params) - names)
+    if unknown:
+        raise ConfigError(f"unknown model key(s) {', '.join('model.' + k for k in unknown)} for {name}; valid: {', '.join(sorted(names))}")
+    params["n_items"] = prep.n_items
+    try:
+        return MINDConfig(**params)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model section for {name}: {e}") from None
+
+
+def build_mind(cfg: Config, prep: Prepared) -> MIND:
+    return MIND(mind_config(cfg, prep), prep.feature_tensors(), prep.field_vocab)
+
+
+@torch.no_grad()
+def user_interests(model: MIND, prep: Prepared, users: np.ndarray, ends: np.ndarray, max_len: int,
+                   batch_size: int = 1024, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Interest vectors (U, K, D) and validity (U, K) for histories ending before `ends`."""
+    model.eval()
+    vecs, valid = [], []
+    for lo in range(0, len(users), batch_size):
+        b = retrieval_batch(prep, users[lo:lo + batch_size], ends[lo:lo + batch_size], max_len).to(device)
+        v, m = model.user_interests(b.hist, b.hist_mask, b.n_events)
+        vecs.append(v.float().cpu().numpy())
+        valid.append(m.cpu().numpy())
+    return np.concatenate(vecs), np.concatenate(valid)
+
+
+@torch.no_grad()
+def all_item_vectors(model: MIND, n_items: int, batch_size: int = 65536, device: torch.device | str = "cpu") -> np.ndarray:
+    """Vectors of items 1..n_items-1 (row i-1 = item i)."""
+    model.eval()
+    out = []
+    for lo in range(1, n_items, batch_size):
+        ids = torch.arange(lo, min(n_items, lo + batch_size), device=device)
+        out.append(model.item_vectors(ids).float().cpu().numpy())
+    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+
+def evaluate_mind(model: MIND, prep: Prepared, es: RetrievalEvalSet, cfg: Config, detail: bool = False,
+                  device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Recall/NDCG/HR@{20,50} through the ANN layer; with detail, also interest diagnostics."""
+    t0 = time.perf_counter()
+    items = all_item_vectors(model, prep.n_items, device=device)
+    ids = np.arange(1, prep.n_items, dtype=np.int64)
+    index = build_index(items, ids, kind=cfg.train.index, **cfg.train.index_params)
+    interests, valid = user_interests(model, prep, es.users, es.ends, prep.max_history, device=device)
+    exclude = history_csr(prep, es.users, es.ends)
+    n = max(KS)
+    top, scores, which = multi_interest_search(index, interests, valid, cfg.train.top_m, n, exclude)
+    metrics = topn_metrics(top, es.target_offsets, es.target_items, KS)
+    if not detail:
+        return metrics
+    out: dict[str, Any] = dict(metrics)
+    if cfg.train.index != "exact":
+        exact = build_index(items, ids, kind="exact")
+        etop, _, _ = multi_interest_search(exact, interests, valid, cfg.train.top_m, n, exclude)
+        out["ann_recall@50_vs_exact"] = ann_recall(top, etop)
+    out["interests"] = interest_diagnostics(interests, valid, top, which, es)
+    out["eval_seconds"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def interest_diagnostics(interests: np.ndarray, valid: np.ndarray, top: np.ndarray, which: np.ndarray,
+                         es: RetrievalEvalSet, k: int = 50) -> dict[str, Any]:
+    """Are interests distinct? Mean pairwise cosine of a user's valid interests; share of hits per interest."""
+    v = interests / np.maximum(np.linalg.norm(interests, axis=-1, keepdims=True), 1e-12)
+    cos = np.einsum("ukd,ujd->ukj", v, v)
+    pair = valid[:, :, None] & valid[:, None, :] & ~np.eye(valid.shape[1], dtype=bool)[None]
+    multi = pair.any(axis=(1, 2))
+    per_user = (cos * pair).sum(axis=(1, 2))[multi] / pair.sum(axis=(1, 2))[multi]
+    mean_cos = float(per_user.mean()) if multi.any() else float("nan")
+    # share of test hits @k retrieved by each interest rank
+    n_t = np.diff(es.target_offsets)
+    owner = np.repeat(np.arange(len(n_t)), n_t)
+    key_top = top[:, :k].astype(np.int64) + (np.arange(len(top))[:, None] * (1 << 32))
+    key_t = es.target_items.astype(np.int64) + owner * (1 << 32)
+    tgt = np.isin(key_top, key_t) & (top[:, :k] > 0)
+    hits_by = np.bincount(which[:, :k][tgt], minlength=valid.shape[1])
+    k_count = np.bincount(valid.sum(1), minlength=valid.shape[1] + 1)
+    return {
+        "mean_pairwise_cosine": mean_cos,
+        "users_with_several_interests": float(multi.mean()),
+        "hit_share_by_interest": (hits_by / max(1, hits_by.sum())).round(4).tolist(),
+        "k_prime_histogram": {str(i): int(c) for i, c in enumerate(k_count) if i > 0},
+    }
+
+
+def popularity_topn(prep: Prepared, es: RetrievalEvalSet, n: int) -> np.ndarray:
+    """Most popular training-window items, history excluded: (U, n)."""
+    train_users = prep.split == 0
+    train_users[0] = False
+    owner = np.repeat(np.arange(prep.n_users), prep.counts)
+    counts = np.bincount(prep.items[train_users[owner]], minlength=prep.n_items)
+    counts[0] = -1
+    order = np.argsort(-counts, kind="stable")
+    off, hist = history_csr(prep, es.users, es.ends)
+    width = n + int(np.diff(off).max(initial=0))
+    cand = np.broadcast_to(order[:width], (len(es.users), width))
+    hist_owner = np.repeat(np.arange(len(es.users)), np.diff(off))
+    seen = np.isin(cand + np.arange(len(es.users))[:, None] * (1 << 32), hist.astype(np.int64) + hist_owner * (1 << 32))
+    out = np.zeros((len(es.users), n), dtype=np.int64)
+    for_rank = np.where(seen, np.iinfo(np.int64).max, np.arange(width)[None, :])
+    pick = np.argsort(for_rank, axis=1, kind="stable")[:, :n]
+    out[:] = np.take_along_axis(cand, pick, axis=1)
+    return out
+
+
+def retrieval_task(cfg: Config, prep: Prepared, model: MIND, device: torch.device | str = "cpu",
+                   rank: int = 0, world: int = 1) -> Task:
+    users, pos = retrieval_train_samples(prep, cfg.train.protocol)
+    sampler = NegativeSampler(prep.item_counts, mode=cfg.train.negatives, seed=cfg.train.seed + rank)
+    valid_set = retrieval_eval_set(prep, "valid", cfg.train.protocol, cfg.train.max_eval_users, seed=cfg.train.seed)
+    bs = cfg.train.batch_size
+
+    def batches(seed: int):
+        for idx in minibatches(len(users), bs, True, seed, rank, world):
+            yield retrieval_batch(prep, users[idx], pos[idx], prep.max_history).to(device)
+
+    def loss(batch):
+        value = retrieval_loss(model, batch, sampler, cfg.train.n_negatives, in_batch=cfg.train.in_batch_negatives)
+        return value, {}
+
+    return Task(model=model, batches=batches, n_batches=-(-len(users) // (bs * world)), loss=loss,
+                evaluate=lambda split: evaluate_mind(model, prep, valid_set, cfg, device=device), monitor="recall@50")

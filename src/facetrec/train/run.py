@@ -1,0 +1,180 @@
+"""`train(cfg)` and `evaluate(run_dir)`: the whole job behind `facetrec train` / `facetrec evaluate`.
+
+    config -> prepared data (cached) -> model -> fit (checkpoints, early stopping) -> test metrics
+           -> run_dir/metrics.json  {"model", "dataset", "protocol", "valid", "test", "train", ...}
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from facetrec.config import Config, _build, dump_config
+from facetrec.data.dataset import Prepared, retrieval_eval_set
+from facetrec.data.prepare import ensure_prepared
+from facetrec.errors import ConfigError
+from facetrec.io import write_json
+from facetrec.train.loop import FitResult, fit, load_checkpoint
+
+ALL_MODELS = ("mind", "youtubednn", "popularity", "dien", "din", "base")
+
+
+def model_name(cfg: Config) -> str:
+    name = cfg.model.get("name")
+    if name not in ALL_MODELS:
+        raise ConfigError(f"model.name {name!r} must be one of {', '.join(ALL_MODELS)}; e.g. --set model.name=mind")
+    return name
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA device is visible; use train.device=auto or cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _check_resume(cfg: Config, run_dir: Path) -> None:
+    saved = run_dir / "config.yaml"
+    if (run_dir / "last.pt").exists() and saved.exists():
+        old = yaml.safe_load(saved.read_text())
+        new = cfg.to_dict()
+        for d in (old, new):
+            d["train"].pop("epochs", None)  # extending a run's epochs is a valid resume
+        if old != new:
+            raise ConfigError(f"{run_dir} holds a run with a different config; resume needs the same config — "
+                              f"choose a new run.dir (--set run.dir=...) or delete {run_dir}")
+
+
+def train(cfg: Config, progress: bool = True, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """Train the configured model and write run.dir/metrics.json; returns the metrics."""
+    name = model_name(cfg)
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_resume(cfg, run_dir)
+    if rank == 0:
+        dump_config(cfg, run_dir / "config.yaml")
+    prep_dir = ensure_prepared(cfg, verbose=progress and rank == 0)
+    if rank == 0:
+        shutil.copyfile(prep_dir / "feature_map.json", run_dir / "feature_map.json")
+    prep = Prepared(prep_dir)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+
+    if name == "popularity":
+        result = FitResult({}, 0, 0, 0.0, 0)
+        metrics = _retrieval_metrics(cfg, prep, None, device)
+    elif name in ("mind", "youtubednn"):
+        from facetrec.train.retrieval import build_mind, retrieval_task
+
+        model = build_mind(cfg, prep).to(device)
+        result = fit(retrieval_task(cfg, prep, model, device, rank, world), cfg.train, run_dir, rank=rank, progress=progress)
+        metrics = _retrieval_metrics(cfg, prep, model, device)
+    else:
+        from facetrec.train.ranking import ranking_model, ranking_task
+
+        model = ranking_model(cfg, prep).to(device)
+        result = fit(ranking_task(cfg, prep, model, device, rank, world), cfg.train, run_dir, rank=rank, progress=progress)
+        metrics = _ranking_metrics(prep, model, device)
+    out = {
+        "model": name,
+        "dataset": cfg.data.name,
+        "protocol": cfg.train.protocol if name in ("mind", "youtubednn", "popularity") else "dien",
+        **metrics,
+        "train": {"epochs": result.epochs, "best_epoch": result.best_epoch, "steps": result.steps,
+                  "seconds": round(result.seconds, 1), "best_valid": result.best_valid, "device": str(device)},
+    }
+    if rank == 0:
+        write_json(run_dir / "metrics.json", out)
+        if progress:
+            test = {k: v for k, v in out["test"].items() if isinstance(v, float)}
+            print(f"{name} on {cfg.data.name}: test " + " ".join(f"{k} {v:.4f}" for k, v in test.items()))
+            print(f"wrote {run_dir / 'metrics.json'}")
+    return out
+
+
+def _retrieval_metrics(cfg: Config, prep: Prepared, model, device) -> dict[str, Any]:
+    from facetrec.eval.metrics import topn_metrics
+    from facetrec.train.retrieval import KS, evaluate_mind, popularity_topn
+
+    out: dict[str, Any] = {}
+    for split in ("valid", "test"):
+        es = retrieval_eval_set(prep, split, cfg.train.protocol)
+        if model is None:
+            out[split] = topn_metrics(popularity_topn(prep, es, max(KS)), es.target_offsets, es.target_items, KS)
+        else:
+            m = evaluate_mind(model, prep, es, cfg, detail=split == "test", device=device)
+            if split == "test":
+                out["interests"] = m.pop("interests")
+                out["eval"] = {k: m.pop(k) for k in list(m) if not k.startswith(("recall", "ndcg", "hr"))}
+            out[split] = m
+    return out
+
+
+def _ranking_metrics(prep: Prepared, model, device) -> dict[str, Any]:
+    from facetrec.data.dataset import ranking_samples
+    from facetrec.train.ranking import predict, ranking_metrics
+
+    out: dict[str, Any] = {}
+    for split in ("valid", "test"):
+        s = ranking_samples(prep, split)
+        m = ranking_metrics(s, predict(model, prep, s, device=device))
+        if split == "test":
+            out["buckets"] = m.pop("buckets")
+        else:
+            m.pop("buckets")
+        out[split] = m
+    return out
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass the run.dir of a `facetrec train`")
+    return _build(Config, yaml.safe_load(path.read_text()), "")
+
+
+def evaluate(run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Recompute metrics.json of a finished run from its config and best weights."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    name = model_name(cfg)
+    prep = Prepared(ensure_prepared(cfg, verbose=progress))
+    device = resolve_device(cfg.train.device)
+    old = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
+    if name == "popularity":
+        metrics = _retrieval_metrics(cfg, prep, None, device)
+    else:
+        best = run_dir / "best.pt"
+        if not best.exists():
+            raise ConfigError(f"{run_dir} has no best.pt; train first (facetrec train CONFIG --set run.dir={run_dir})")
+        if name in ("mind", "youtubednn"):
+            from facetrec.train.retrieval import build_mind
+
+            model = build_mind(cfg, prep)
+        else:
+            from facetrec.train.ranking import ranking_model
+
+            model = ranking_model(cfg, prep)
+        model.load_state_dict(load_checkpoint(best)["model"])
+        model.to(device)
+        metrics = (_retrieval_metrics(cfg, prep, model, device) if name in ("mind", "youtubednn")
+                   else _ranking_metrics(prep, model, device))
+    out = {**old, "model": name, "dataset": cfg.data.name, **metrics}
+    write_json(run_dir / "metrics.json", out)
+    return out
