@@ -1,0 +1,214 @@
+"""Durable per-user state: behaviour sequences (and per-user memories) behind one interface.
+
+Two backends, run through the same test suite:
+  SQLiteStore  the embedded default: WAL journal, synchronous=FULL — a commit is on disk
+               before `append` returns, so an acknowledged event survives kill -9.
+  RedisStore   for several server processes sharing state; durable when the server runs with
+               `appendonly yes` + `appendfsync always` (the store checks and warns otherwise).
+
+Events carry a client-chosen id; a repeated id is stored once (the second append reports it
+as a duplicate). Ids are the raw (dataset) user and item ids as strings, so the state outlives
+a retrained model whose internal ids differ.
+
+    store = open_store("sqlite:///var/facetrec/state.db")
+    store.append([Event("e1", "u42", "B0001", 1700000000)])   # -> AppendResult(stored=1, duplicates=0)
+    store.history("u42", limit=50)                             # -> [("B0001", 1700000000)]
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+from urllib.parse import urlparse
+
+from facetrec.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Event:
+    event_id: str
+    user: str
+    item: str
+    ts: int
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    stored: int  # new events written
+    duplicates: int  # events whose id was already stored
+    duplicate_ids: tuple[str, ...] = ()
+
+
+class UserStore(Protocol):
+    def append(self, events: Sequence[Event]) -> AppendResult: ...
+    def history(self, user: str, limit: int) -> list[tuple[str, int]]: ...
+    def count(self, user: str) -> int: ...
+    def get_memory(self, user: str) -> bytes | None: ...
+    def set_memory(self, user: str, value: bytes) -> None: ...
+    def ping(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+class SQLiteStore:
+    """SQLite in WAL mode with synchronous=FULL; safe to share across threads of one process."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS events (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                event_id TEXT NOT NULL UNIQUE,
+                user TEXT NOT NULL,
+                item TEXT NOT NULL,
+                ts INTEGER NOT NULL
+            );
+            CREATE INDEX IF NOT EXISTS events_user ON events (user, seq);
+            CREATE TABLE IF NOT EXISTS memories (user TEXT PRIMARY KEY, value BLOB NOT NULL);
+            """
+        )
+
+    def append(self, events: Sequence[Event]) -> AppendResult:
+        if not events:
+            return AppendResult(0, 0)
+        dups: list[str] = []
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                stored = 0
+                for e in events:
+                    cur.execute("INSERT OR IGNORE INTO events (event_id, user, item, ts) VALUES (?, ?, ?, ?)",
+                                (e.event_id, e.user, e.item, int(e.ts)))
+                    if cur.rowcount == 1:
+                        stored += 1
+                    else:
+                        dups.append(e.event_id)
+                cur.execute("COMMIT")  # synchronous=FULL: durable when this returns
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+        return AppendResult(stored, len(dups), tuple(dups))
+
+    def history(self, user: str, limit: int) -> list[tuple[str, int]]:
+        with self._lock:
+            rows = self._db.execute("SELECT item, ts FROM events WHERE user = ? ORDER BY seq DESC LIMIT ?",
+                                    (user, int(limit))).fetchall()
+        return [(item, ts) for item, ts in reversed(rows)]
+
+    def count(self, user: str) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM events WHERE user = ?", (user,)).fetchone()[0])
+
+    def get_memory(self, user: str) -> bytes | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM memories WHERE user = ?", (user,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def set_memory(self, user: str, value: bytes) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO memories (user, value) VALUES (?, ?) ON CONFLICT(user) DO UPDATE SET value = excluded.value",
+                             (user, value))
+
+    def ping(self) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1").fetchone()[0] == 1
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+# KEYS: event-id keys..., then per event the user's list key; ARGV: per event "item\tts".
+# All-or-nothing per call; returns for each event 1 (stored) or 0 (duplicate).
+_APPEND_LUA = """
+local n = #ARGV
+local out = {}
+for i = 1, n do
+  if redis.call('SET', KEYS[i], '1', 'NX') then
+    redis.call('RPUSH', KEYS[n + i], ARGV[i])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+
+
+class RedisStore:
+    """Redis lists per user + a set-once key per event id, appended atomically by a Lua script."""
+
+    def __init__(self, url: str, prefix: str = "facetrec") -> None:
+        import redis
+
+        self._r = redis.Redis.from_url(url)
+        self.prefix = prefix
+        self._append = self._r.register_script(_APPEND_LUA)
+        try:
+            cfg = self._r.config_get("append*")
+            if cfg.get("appendonly") != "yes" or cfg.get("appendfsync") != "always":
+                warnings.warn(f"redis at {url} runs with appendonly={cfg.get('appendonly')} appendfsync={cfg.get('appendfsync')}: "
+                              "acknowledged events may be lost in a crash; run it with --appendonly yes --appendfsync always")
+        except redis.exceptions.ResponseError:  # CONFIG disabled on managed servers
+            pass
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def append(self, events: Sequence[Event]) -> AppendResult:
+        if not events:
+            return AppendResult(0, 0)
+        keys = [self._k("event", e.event_id) for e in events] + [self._k("user", e.user, "events") for e in events]
+        args = [f"{e.item}\t{int(e.ts)}" for e in events]
+        flags = self._append(keys=keys, args=args)
+        dups = tuple(e.event_id for e, f in zip(events, flags) if not f)
+        return AppendResult(len(events) - len(dups), len(dups), dups)
+
+    def history(self, user: str, limit: int) -> list[tuple[str, int]]:
+        raw = self._r.lrange(self._k("user", user, "events"), -int(limit), -1)
+        out = []
+        for v in raw:
+            item, ts = v.decode().rsplit("\t", 1)
+            out.append((item, int(ts)))
+        return out
+
+    def count(self, user: str) -> int:
+        return int(self._r.llen(self._k("user", user, "events")))
+
+    def get_memory(self, user: str) -> bytes | None:
+        return self._r.get(self._k("user", user, "memory"))
+
+    def set_memory(self, user: str, value: bytes) -> None:
+        self._r.set(self._k("user", user, "memory"), value)
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._r.ping())
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        self._r.close()
+
+
+def open_store(url: str) -> UserStore:
+    """`sqlite:///path/to/state.db` (or a plain path) or `redis://host:port/db`."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "sqlite"):
+        path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else (parsed.path if parsed.scheme else url)
+        if not path:
+            raise ConfigError(f"store {url!r}: give a file, e.g. sqlite:///runs/state.db")
+        return SQLiteStore(path)
+    if parsed.scheme in ("redis", "rediss", "unix"):
+        return RedisStore(url)
+    raise ConfigError(f"store {url!r}: use sqlite:///path/to/state.db or redis://host:port/0")

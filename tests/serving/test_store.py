@@ -1,0 +1,80 @@
+"""Both store backends through one suite: durability semantics, de-duplication, order, memories."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+
+from facetrec.errors import ConfigError
+from facetrec.serving.store import Event, RedisStore, SQLiteStore, open_store
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        s = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    else:
+        url = request.getfixturevalue("redis_url")
+        s = RedisStore(url, prefix=f"t{uuid.uuid4().hex[:8]}")
+    yield s
+    s.close()
+
+
+def test_append_and_history_in_order(store):
+    r = store.append([Event("e1", "u", "a", 10), Event("e2", "u", "b", 20), Event("e3", "v", "c", 5)])
+    assert (r.stored, r.duplicates) == (3, 0)
+    assert store.history("u", 10) == [("a", 10), ("b", 20)]
+    assert store.history("u", 1) == [("b", 20)]
+    assert store.count("u") == 2 and store.count("nobody") == 0 and store.history("nobody", 5) == []
+
+
+def test_repeated_event_id_is_stored_once(store):
+    store.append([Event("x1", "u", "a", 1)])
+    r = store.append([Event("x1", "u", "a", 1), Event("x2", "u", "b", 2)])
+    assert (r.stored, r.duplicates, r.duplicate_ids) == (1, 1, ("x1",))
+    assert store.history("u", 10) == [("a", 1), ("b", 2)]
+
+
+def test_memories_round_trip(store):
+    assert store.get_memory("u") is None
+    store.set_memory("u", b"\x00\x01")
+    store.set_memory("u", b"\x02")
+    assert store.get_memory("u") == b"\x02"
+
+
+def test_concurrent_appends_lose_nothing(store):
+    def worker(k):
+        for i in range(50):
+            store.append([Event(f"w{k}-{i}", "u", f"i{k}-{i}", i)])
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.count("u") == 200 and store.ping()
+
+
+def test_sqlite_survives_reopen(tmp_path):
+    path = tmp_path / "s.db"
+    s = SQLiteStore(path)
+    s.append([Event("e1", "u", "a", 1)])
+    s.close()
+    s2 = SQLiteStore(path)
+    assert s2.history("u", 5) == [("a", 1)]
+    assert s2._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert s2._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    s2.close()
+
+
+def test_two_processes_share_redis(redis_url):
+    a, b = RedisStore(redis_url, prefix="shared"), RedisStore(redis_url, prefix="shared")
+    a.append([Event("s1", "u", "a", 1)])
+    assert b.history("u", 5) == [("a", 1)]
+
+
+def test_bad_store_url():
+    with pytest.raises(ConfigError, match="sqlite:///"):
+        open_store("postgres://x")
