@@ -194,10 +194,16 @@ def ranking_batch(prep: Prepared, s: RankingSamples, idx: np.ndarray, max_len: i
 
 
 def minibatches(n: int, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1) -> Iterator[np.ndarray]:
-    """Index batches over n samples; with world > 1 each rank takes an equal, disjoint share."""
+    """Index batches over n samples. `batch_size` is the global batch: with world > 1 every rank
+    takes its equal slice of each global batch (so N ranks step exactly like one process with
+    the same global batch), and a last global batch that does not split evenly is dropped."""
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
-    if world > 1:
-        per = n // world
-        order = order[rank * per:(rank + 1) * per]
-    for lo in range(0, len(order), batch_size):
-        yield order[lo:lo + batch_size]
+    if world == 1:
+        for lo in range(0, n, batch_size):
+            yield order[lo:lo + batch_size]
+        return
+    if batch_size % world:
+        raise ValueError(f"train.batch_size {batch_size} must be divisible by the {world} processes")
+    per = batch_size // world
+    for lo in range(0, n - batch_size + 1, batch_size):
+        yield order[lo + rank * per:lo + (rank + 1) * per]

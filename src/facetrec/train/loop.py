@@ -50,6 +50,18 @@ class FitResult:
     steps: int
 
 
+class _LossModule(nn.Module):
+    """The task's loss as a module, so DistributedDataParallel can wrap it (its forward is the step)."""
+
+    def __init__(self, model: nn.Module, loss: Callable[[Any], tuple[torch.Tensor, dict[str, float]]]) -> None:
+        super().__init__()
+        self.model = model
+        self._loss = loss
+
+    def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        return self._loss(batch)
+
+
 def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -60,10 +72,44 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Average logged values over all ranks (each rank saw its own slice of the global batch)."""
+    if not _distributed():
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    t /= torch.distributed.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def _on_rank0(fn: Callable[[], dict[str, float]], rank: int) -> dict[str, float]:
+    """Run an evaluation on rank 0 only and give every rank its result (same early-stopping decisions)."""
+    if not _distributed():
+        return fn()
+    box = [fn() if rank == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: int = 50,
         progress: bool = True) -> FitResult:
     """Train with early stopping on `task.monitor`; resume from run_dir/last.pt when present."""
     model = task.model
+    step_module: nn.Module = _LossModule(model, task.loss)
+    if _distributed():
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
+        step_module = DistributedDataParallel(step_module, device_ids=device_ids)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"epoch": 0, "step": 0, "best": -math.inf, "best_epoch": 0, "bad": 0, "seconds": 0.0, "best_valid": {}}
     last = run_dir / "last.pt"
@@ -86,7 +132,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: i
             window: dict[str, float] = {}
             n_window = 0
             for batch in bar:
-                loss, parts = task.loss(batch)
+                loss, parts = step_module(batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -95,7 +141,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: i
                 for k, v in {"loss": float(loss.detach()), **parts}.items():
                     window[k] = window.get(k, 0.0) + v
                 if n_window == log_every:
-                    means = {k: v / n_window for k, v in window.items()}
+                    means = _mean_across_ranks({k: v / n_window for k, v in window.items()})
                     bar.set_postfix(loss=f"{means['loss']:.4f}")
                     if log:
                         log.write(json.dumps({"epoch": epoch, "step": state["step"], **means}) + "\n")
@@ -107,7 +153,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: i
                     break
             state["epoch"] = epoch
             if epoch % cfg.eval_every == 0 or stop or epoch == cfg.epochs:
-                valid = task.evaluate("valid")
+                valid = _on_rank0(lambda: task.evaluate("valid"), rank)
                 score = valid[task.monitor]
                 improved = score > state["best"]
                 if improved:

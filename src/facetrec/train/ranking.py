@@ -85,5 +85,5 @@ def ranking_task(cfg: Config, prep: Prepared, model: torch.nn.Module, device: to
         m = ranking_metrics(valid, predict(model, prep, valid, device=device))
         return {k: v for k, v in m.items() if k != "buckets"}
 
-    return Task(model=model, batches=batches, n_batches=-(-len(train) // (bs * world)), loss=loss, evaluate=evaluate,
+    return Task(model=model, batches=batches, n_batches=-(-len(train) // bs), loss=loss, evaluate=evaluate,
                 monitor="auc")

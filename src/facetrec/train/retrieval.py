@@ -159,5 +159,5 @@ def retrieval_task(cfg: Config, prep: Prepared, model: MIND, device: torch.devic
         value = retrieval_loss(model, batch, sampler, cfg.train.n_negatives, in_batch=cfg.train.in_batch_negatives)
         return value, {}
 
-    return Task(model=model, batches=batches, n_batches=-(-len(users) // (bs * world)), loss=loss,
+    return Task(model=model, batches=batches, n_batches=-(-len(users) // bs), loss=loss,
                 evaluate=lambda split: evaluate_mind(model, prep, valid_set, cfg, device=device), monitor="recall@50")

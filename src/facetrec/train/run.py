@@ -67,7 +67,11 @@ def train(cfg: Config, progress: bool = True, rank: int = 0, world: int = 1) -> 
     _check_resume(cfg, run_dir)
     if rank == 0:
         dump_config(cfg, run_dir / "config.yaml")
+    if world > 1 and rank != 0:
+        torch.distributed.barrier()  # rank 0 prepares (or finds the cache) first
     prep_dir = ensure_prepared(cfg, verbose=progress and rank == 0)
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
     if rank == 0:
         shutil.copyfile(prep_dir / "feature_map.json", run_dir / "feature_map.json")
     prep = Prepared(prep_dir)
