@@ -89,6 +89,51 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A run directory written b
     typer.echo("test " + " ".join(f"{k} {v:.4f}" for k, v in test.items()))
 
 
+@app.command()
+def export(
+    retrieval: Path = typer.Option(..., help="Run directory of a mind / youtubednn training."),
+    out: Path = typer.Option(..., help="Artifact root; a new version is written under it and made current."),
+    ranking: Optional[Path] = typer.Option(None, help="Run directory of a dien / din / base training."),
+    index: Optional[str] = typer.Option(None, help="ANN index kind: exact | hnsw | ivf | ivfpq (default: the run's train.index)."),
+) -> None:
+    """Package trained runs as a versioned, verified serving artifact."""
+    from facetrec.serving.export import export as run_export
+
+    try:
+        version = run_export(retrieval, out, ranking, index_kind=index)
+    except FacetrecError as e:
+        _fail(e)
+    typer.echo(f"exported {version}")
+
+
+@app.command()
+def serve(
+    artifact: Path = typer.Argument(..., help="Artifact root (follows CURRENT) or one version directory."),
+    store: str = typer.Option("sqlite:///runs/state.db", help="sqlite:///path/state.db or redis://host:port/0"),
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    port: int = typer.Option(8000, help="Port to bind."),
+    workers: int = typer.Option(1, help="Server processes (use a redis:// store to share state between hosts)."),
+) -> None:
+    """Serve recommendations over HTTP (FastAPI + uvicorn)."""
+    import os
+
+    import uvicorn
+
+    from facetrec.serving.artifacts import load_manifest, resolve_version
+    from facetrec.serving.store import open_store
+
+    try:
+        version = resolve_version(artifact)
+        load_manifest(version)  # refuse a broken artifact before starting workers
+        open_store(store).close()
+    except FacetrecError as e:
+        _fail(e)
+    os.environ["FACETREC_ARTIFACT"] = str(version)
+    os.environ["FACETREC_STORE"] = store
+    uvicorn.run("facetrec.serving.app:app_from_env", factory=True, host=host, port=port, workers=workers,
+                log_level="warning", limit_concurrency=512, timeout_keep_alive=30)
+
+
 def main() -> None:
     app()
 

@@ -100,6 +100,8 @@ def prepare(cfg: Config, out_dir: str | Path | None = None, verbose: bool = True
         "n_items": int(n_items),
         "item_fields": field_info,
         "has_rating": "rating" in cols,
+        # the API takes ids as integers when every raw id is one (as in the public datasets)
+        "raw_id_type": "int" if _all_int(users["raw_id"]) and _all_int(items["raw_id"]) else "str",
         "behaviors": sorted(events["behavior"].unique().to_list()) if "behavior" in events.columns else [],
         "max_history": p.max_history,
         "prepare": asdict(p),
@@ -131,6 +133,10 @@ SPLIT_ENUM = pl.Enum(["train", "valid", "test"])
 def split_labels(codes: np.ndarray) -> pl.Series:
     """0/1/2 codes -> a compact train/valid/test column."""
     return pl.Series("split", codes.astype(np.uint8)).replace_strict({0: "train", 1: "valid", 2: "test"}, return_dtype=SPLIT_ENUM)
+
+
+def _all_int(s: pl.Series) -> bool:
+    return bool(s.str.contains(r"^(0|[1-9][0-9]{0,17})$").all())
 
 
 def _check_settings(p: PrepareConfig) -> None:

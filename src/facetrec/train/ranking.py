@@ -7,7 +7,6 @@ user-activity bucket (history length at the sample: <=5, 6-20, >20).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
@@ -15,30 +14,19 @@ import torch
 
 from facetrec.config import Config
 from facetrec.data.dataset import Prepared, RankingSamples, minibatches, ranking_batch, ranking_samples
-from facetrec.errors import ConfigError
 from facetrec.eval.metrics import auc, bucket_of, gauc, logloss
 from facetrec.models import dien as dien_mod
+from facetrec.train.build import build_model, make_config
 from facetrec.train.loop import Task
 
-RANKING_MODELS = ("dien", "din", "base")
 BUCKET_EDGES = (5, 20)
 
 
 def ranking_model(cfg: Config, prep: Prepared) -> torch.nn.Module:
+    """DIEN, DIN or the base model from the config's model section."""
     params = dict(cfg.model)
     name = params.pop("name", "dien")
-    cls = {"dien": dien_mod.DIEN, "din": dien_mod.DIN, "base": dien_mod.BaseModel}[name]
-    cfg_cls = dien_mod.DIENConfig
-    names = {f.name for f in dataclasses.fields(cfg_cls)}
-    unknown = sorted(set(params) - names)
-    if unknown:
-        raise ConfigError(f"unknown model key(s) {', '.join('model.' + k for k in unknown)} for {name}; valid: {', '.join(sorted(names))}")
-    params["n_items"] = prep.n_items
-    try:
-        mcfg = cfg_cls(**params)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"model section for {name}: {e}") from None
-    return cls(mcfg, prep.feature_tensors(), prep.field_vocab)
+    return build_model(name, make_config(name, params, prep.n_items), prep.feature_tensors(), prep.field_vocab)
 
 
 @torch.no_grad()

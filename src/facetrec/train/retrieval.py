@@ -7,7 +7,6 @@ excluded, and Recall / NDCG / HR @20 and @50 are computed against the user's tar
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
 
@@ -17,37 +16,21 @@ import torch
 from facetrec.config import Config
 from facetrec.data.dataset import (Prepared, RetrievalEvalSet, history_csr, minibatches, retrieval_batch,
                                    retrieval_eval_set, retrieval_train_samples)
-from facetrec.errors import ConfigError
 from facetrec.eval.metrics import topn_metrics
 from facetrec.index.ann import ann_recall, build_index, multi_interest_search
 from facetrec.models.losses import NegativeSampler, retrieval_loss
-from facetrec.models.mind import MIND, MINDConfig
+from facetrec.models.mind import MIND
+from facetrec.train.build import build_model, make_config
 from facetrec.train.loop import Task
 
 KS = (20, 50)
-RETRIEVAL_MODELS = ("mind", "youtubednn", "popularity")
-
-
-def mind_config(cfg: Config, prep: Prepared) -> MINDConfig:
-    """The model section of the config as a MINDConfig (youtubednn = K 1, mean pooling)."""
-    params = dict(cfg.model)
-    name = params.pop("name", "mind")
-    if name == "youtubednn":
-        params.setdefault("n_interests", 1)
-        params.setdefault("pooling", "mean")
-    names = {f.name for f in dataclasses.fields(MINDConfig)}
-    unknown = sorted(set(params) - names)
-    if unknown:
-        raise ConfigError(f"unknown model key(s) {', '.join('model.' + k for k in unknown)} for {name}; valid: {', '.join(sorted(names))}")
-    params["n_items"] = prep.n_items
-    try:
-        return MINDConfig(**params)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"model section for {name}: {e}") from None
 
 
 def build_mind(cfg: Config, prep: Prepared) -> MIND:
-    return MIND(mind_config(cfg, prep), prep.feature_tensors(), prep.field_vocab)
+    """MIND (or YouTube DNN: K = 1, mean pooling) from the config's model section."""
+    params = dict(cfg.model)
+    name = params.pop("name", "mind")
+    return build_model(name, make_config(name, params, prep.n_items), prep.feature_tensors(), prep.field_vocab)
 
 
 @torch.no_grad()

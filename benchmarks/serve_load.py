@@ -1,0 +1,158 @@
+"""Load test of the HTTP service on loopback: fixed request rate, 90% recommend / 10% events, Zipf users.
+
+    .venv/bin/python benchmarks/serve_load.py --artifact artifacts/amazon-beauty --rate 50 --seconds 60 --workers 2
+
+Starts `facetrec serve` (uvicorn, N worker processes, a fresh SQLite store) on a free loopback
+port, waits for /readyz, then sends an open-loop stream of requests (each at its scheduled
+time, whether or not earlier ones have answered — so queueing shows in the latency) from an
+asyncio client. Reports p50 / p90 / p99 / max latency per endpoint, errors, achieved rate, and
+stops the server. Loopback only; bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(artifact: Path, port: int, workers: int, store: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "facetrec", "serve", str(artifact), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", str(workers), "--store", store],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    return proc
+
+
+async def wait_ready(client, base: str, timeout: float = 120) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            r = await client.get(f"{base}/readyz")
+            if r.status_code == 200:
+                return
+        except Exception:
+            pass
+        await asyncio.sleep(0.2)
+    raise RuntimeError("server did not become ready")
+
+
+async def run_load(base: str, users: list[str], items: list, rate: float, seconds: float, zipf: float, seed: int,
+                   n: int) -> dict:
+    import httpx
+
+    rng = np.random.default_rng(seed)
+    total = int(rate * seconds)
+    ranks = np.arange(1, len(users) + 1)
+    p = 1.0 / ranks ** zipf
+    p /= p.sum()
+    who = rng.choice(len(users), size=total, p=p)
+    kinds = rng.random(total) < 0.9
+    lat: dict[str, list[float]] = {"recommend": [], "events": []}
+    errors: dict[str, int] = {}
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+        await wait_ready(client, base)
+        # warm-up: a few requests not counted
+        for u in users[:5]:
+            await client.post(f"{base}/recommend", json={"user_id": u, "n": n})
+
+        async def one(i: int, at: float) -> None:
+            delay = at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            user = users[who[i]]
+            t = time.perf_counter()
+            if kinds[i]:
+                kind = "recommend"
+                r = await client.post(f"{base}/recommend", json={"user_id": user, "n": n})
+            else:
+                kind = "events"
+                item = items[int(rng.integers(len(items)))]
+                body = {"events": [{"event_id": f"load-{seed}-{i}", "user_id": user, "item_id": item,
+                                    "timestamp": int(time.time())}]}
+                r = await client.post(f"{base}/events", json=body)
+            lat[kind].append((time.perf_counter() - t) * 1000)
+            if r.status_code >= 400:
+                errors[f"{kind} {r.status_code}"] = errors.get(f"{kind} {r.status_code}", 0) + 1
+
+        start = time.perf_counter() + 0.5
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i, start + i / rate) for i in range(total)))
+        wall = time.perf_counter() - t0
+    out = {"requests": total, "wall_s": round(wall, 2), "achieved_rate": round(total / wall, 1), "errors": errors}
+    for kind, xs in lat.items():
+        if xs:
+            a = np.array(xs)
+            out[kind] = {"count": len(xs), "p50_ms": round(float(np.percentile(a, 50)), 2),
+                         "p90_ms": round(float(np.percentile(a, 90)), 2), "p99_ms": round(float(np.percentile(a, 99)), 2),
+                         "max_ms": round(float(a.max()), 2)}
+    allx = np.array(lat["recommend"] + lat["events"])
+    out["all"] = {"p50_ms": round(float(np.percentile(allx, 50)), 2), "p99_ms": round(float(np.percentile(allx, 99)), 2)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--artifact", type=Path, required=True)
+    ap.add_argument("--rate", type=float, default=50)
+    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--n", type=int, default=20, help="recommendations per request")
+    ap.add_argument("--zipf", type=float, default=1.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if args.rate * args.seconds > 100_000:
+        raise SystemExit("refusing more than 100k requests in one run")
+
+    from facetrec.serving.artifacts import resolve_version
+    import polars as pl
+
+    version = resolve_version(args.artifact)
+    users = pl.read_parquet(version / "users.parquet")["raw_id"].to_list() if (version / "users.parquet").exists() else []
+    items = pl.read_parquet(version / "items.parquet")["raw_id"].to_list()
+    fm = json.loads((version / "feature_map.json").read_text())
+    if fm.get("raw_id_type") == "int":
+        items = [int(i) for i in items]
+        users = [int(u) for u in users]
+    users = users or [str(i) for i in range(1, 10_001)]
+
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="facetrec-load-"))
+    store = f"sqlite:///{workdir / 'state.db'}"
+    proc = start_server(version, port, args.workers, store)
+    try:
+        res = asyncio.run(run_load(f"http://127.0.0.1:{port}", users, items, args.rate, args.seconds, args.zipf,
+                                   args.seed, args.n))
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    res.update({"rate": args.rate, "seconds": args.seconds, "workers": args.workers, "artifact": str(version)})
+    print(json.dumps(res, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""`facetrec export`: trained runs -> one versioned, verified serving artifact.
+
+    facetrec export --retrieval runs/amazon-beauty/mind --ranking runs/amazon-beauty/dien --out artifacts/amazon-beauty
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from facetrec.data.dataset import Prepared
+from facetrec.data.prepare import ensure_prepared
+from facetrec.errors import ConfigError
+from facetrec.io import write_json
+from facetrec.serving.artifacts import write_version
+from facetrec.train.build import make_config, model_spec
+from facetrec.train.loop import load_checkpoint
+from facetrec.train.run import load_run_config, model_name
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _load_run(run_dir: Path, prep: Prepared | None = None):
+    from facetrec.train.build import build_model
+
+    cfg = load_run_config(run_dir)
+    name = model_name(cfg)
+    best = run_dir / "best.pt"
+    if not best.exists():
+        raise ConfigError(f"{run_dir} has no best.pt: train it first (facetrec train ... --set run.dir={run_dir})")
+    prep = prep or Prepared(ensure_prepared(cfg, verbose=False))
+    params = {k: v for k, v in cfg.model.items() if k != "name"}
+    mcfg = make_config(name, params, prep.n_items)
+    model = build_model(name, mcfg, prep.feature_tensors(), prep.field_vocab)
+    model.load_state_dict(load_checkpoint(best)["model"])
+    model.eval()
+    return cfg, name, mcfg, model, prep
+
+
+def export(retrieval_run: str | Path, out: str | Path, ranking_run: str | Path | None = None,
+           index_kind: str | None = None, index_params: dict[str, Any] | None = None, candidates: int = 200) -> Path:
+    """Write a new artifact version under `out` and make it current; returns its directory."""
+    from safetensors.torch import save_file
+
+    from facetrec.index.ann import build_index
+    from facetrec.train.retrieval import all_item_vectors
+
+    retrieval_run = Path(retrieval_run)
+    rcfg, rname, rmcfg, rmodel, prep = _load_run(retrieval_run)
+    if rname not in ("mind", "youtubednn"):
+        raise ConfigError(f"--retrieval {retrieval_run} is a {rname} run; it must be mind or youtubednn")
+    fm_hash = _sha(prep.path / "feature_map.json")
+    ranking = None
+    if ranking_run is not None:
+        ranking_run = Path(ranking_run)
+        if _sha(ranking_run / "feature_map.json") != fm_hash:
+            raise ConfigError(f"{ranking_run} was trained on other prepared data than {retrieval_run} "
+                              f"(feature maps differ); train both from the same data config")
+        ranking = _load_run(ranking_run, prep)
+        if ranking[1] not in ("dien", "din", "base"):
+            raise ConfigError(f"--ranking {ranking_run} is a {ranking[1]} run; it must be dien, din or base")
+    kind = index_kind or rcfg.train.index
+    params = index_params if index_params is not None else dict(rcfg.train.index_params)
+    vectors = all_item_vectors(rmodel, prep.n_items)
+    ids = torch.arange(1, prep.n_items).numpy()
+
+    def write(d: Path) -> dict[str, Any]:
+        for name in ("feature_map.json", "items.parquet", "users.parquet", "item_features.npz"):
+            shutil.copyfile(prep.path / name, d / name)
+        write_json(d / "retrieval.config.json", model_spec(rname, rmcfg))
+        save_file({k: v.contiguous() for k, v in rmodel.state_dict().items()}, str(d / "retrieval.safetensors"))
+        index = build_index(vectors, ids, kind=kind, **params)
+        index.save(d / "index.faiss")
+        parts: dict[str, Any] = {"retrieval": {"model": rname, "run": str(retrieval_run), "feature_map_sha256": fm_hash,
+                                               "top_m": rcfg.train.top_m}}
+        if ranking is not None:
+            _, kname, kmcfg, kmodel, _ = ranking
+            write_json(d / "ranking.config.json", model_spec(kname, kmcfg))
+            save_file({k: v.contiguous() for k, v in kmodel.state_dict().items()}, str(d / "ranking.safetensors"))
+            parts["ranking"] = {"model": kname, "run": str(ranking_run), "feature_map_sha256": fm_hash,
+                                "candidates": candidates}
+        return {"parts": parts, "index": {"kind": kind, "params": params, "items": int(len(ids)), "dim": int(vectors.shape[1])},
+                "dataset": prep.feature_map.get("dataset")}
+
+    return write_version(out, write)

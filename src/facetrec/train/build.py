@@ -1,0 +1,75 @@
+"""Models from a name + config mapping: how runs and serving artifacts rebuild a trained model."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from facetrec.errors import ConfigError
+
+RETRIEVAL = ("mind", "youtubednn")
+RANKING = ("dien", "din", "base")
+
+
+def _config_class(name: str):
+    if name in RETRIEVAL:
+        from facetrec.models.mind import MINDConfig
+
+        return MINDConfig
+    if name in RANKING:
+        from facetrec.models.dien import DIENConfig
+
+        return DIENConfig
+    raise ConfigError(f"model {name!r} is not one of {', '.join(RETRIEVAL + RANKING)}")
+
+
+def _model_class(name: str):
+    if name in RETRIEVAL:
+        from facetrec.models.mind import MIND
+
+        return MIND
+    from facetrec.models import dien
+
+    return {"dien": dien.DIEN, "din": dien.DIN, "base": dien.BaseModel}[name]
+
+
+def make_config(name: str, params: dict[str, Any], n_items: int):
+    """Typed model config from the `model:` section (minus `name`), with n_items from the data."""
+    cls = _config_class(name)
+    params = dict(params)
+    if name == "youtubednn":
+        params.setdefault("n_interests", 1)
+        params.setdefault("pooling", "mean")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - names)
+    if unknown:
+        raise ConfigError(f"unknown model key(s) {', '.join('model.' + k for k in unknown)} for {name}; "
+                          f"valid: {', '.join(sorted(names - {'n_items'}))}")
+    params["n_items"] = n_items
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    for k, v in params.items():
+        if isinstance(v, list) and "tuple" in str(hints.get(k, "")):
+            params[k] = tuple(v)
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model section for {name}: {e}") from None
+
+
+def build_model(name: str, model_cfg, item_features: dict[str, torch.Tensor], field_vocab: dict[str, int]) -> torch.nn.Module:
+    return _model_class(name)(model_cfg, item_features, field_vocab)
+
+
+def model_spec(name: str, model_cfg) -> dict[str, Any]:
+    """JSON-able description: enough to rebuild the model around saved weights."""
+    return {"name": name, "config": dataclasses.asdict(model_cfg)}
+
+
+def model_from_spec(spec: dict[str, Any], item_features: dict[str, torch.Tensor], field_vocab: dict[str, int]) -> torch.nn.Module:
+    cfg = dict(spec["config"])
+    n_items = cfg.pop("n_items")
+    name = spec["name"]
+    mcfg = make_config(name if name != "youtubednn" else "mind", cfg, n_items)
+    return build_model(name, mcfg, item_features, field_vocab)
