@@ -146,8 +146,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: i
                     if log:
                         log.write(json.dumps({"epoch": epoch, "step": state["step"], **means}) + "\n")
                     window, n_window = {}, 0
-                if not math.isfinite(float(loss)):
-                    raise FloatingPointError(f"loss became {float(loss)} at step {state['step']}; lower train.lr")
+                if not math.isfinite(float(loss.detach())):
+                    raise FloatingPointError(f"loss became {float(loss.detach())} at step {state['step']}; lower train.lr")
                 if cfg.max_steps and state["step"] >= cfg.max_steps:
                     stop = True
                     break

@@ -130,7 +130,7 @@ def popularity_topn(prep: Prepared, es: RetrievalEvalSet, n: int) -> np.ndarray:
 def retrieval_task(cfg: Config, prep: Prepared, model: MIND, device: torch.device | str = "cpu",
                    rank: int = 0, world: int = 1) -> Task:
     users, pos = retrieval_train_samples(prep, cfg.train.protocol)
-    sampler = NegativeSampler(prep.item_counts, mode=cfg.train.negatives, seed=cfg.train.seed + rank)
+    sampler = NegativeSampler(prep.item_counts, mode=cfg.train.negatives, seed=cfg.train.seed)  # same on every rank
     valid_set = retrieval_eval_set(prep, "valid", cfg.train.protocol, cfg.train.max_eval_users, seed=cfg.train.seed)
     bs = cfg.train.batch_size
 
