@@ -1,23 +1,35 @@
 """Retrieval losses: sampled softmax over the item corpus (SPEC §2.5) and its negative sampler.
 
-Shape legend: B batch, D dim, N sampled negatives.
+Shape legend: B batch, D dim, N sampled negatives, K interests, L history length.
+
+    batch --MIND.user_interests--> V (B, K, D), valid (B, K)
+          --label_aware(e_target)--> v_u (B, D)
+          --sampled softmax: v_u·e_target vs v_u·e_neg (N shared negatives [+ B-1 in-batch])--> loss ()
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from facetrec.data.batches import RetrievalBatch
+from facetrec.models.mind import MIND
 
 
 class NegativeSampler:
-    """Draws negatives from items 1..n-1 (never padding), uniformly or in proportion to popularity.
+    """Draws negatives from items 1..n_items-1 (never padding), uniformly or in proportion to popularity.
+
+    `log_q[i]` is log Q(i) of the proposal (for the log-Q correction); `log_freq[i]` is the log of
+    the item's share of the training counts, the proposal of in-batch negatives (other rows'
+    targets). For an item with count 0 both are floored at the rarest item's value, so a
+    correction never becomes infinite; such items are never drawn in popularity mode.
 
     Args:
-        item_counts: (n_items,) training counts; index 0 is padding.
-        mode: "uniform" | "popularity" (log-Q correction is then applied by the loss).
+        item_counts: (n_items,) training event counts per item; index 0 is padding.
+        mode: "uniform" | "popularity".
         seed: the same seed on every rank gives every rank the same negatives at each step.
 
     Example:
@@ -28,85 +40,137 @@ class NegativeSampler:
 
     def __init__(self, item_counts: np.ndarray | torch.Tensor, mode: str = "uniform", seed: int = 0) -> None:
         if mode not in ("uniform", "popularity"):
-            raise ValueError(f"negatives {mode!r} must be 'uniform' or 'popularity'")
-        counts = torch.as_tensor(np.asarray(item_counts), dtype=torch.float64).clone()
+            raise ValueError(f"negative sampling mode {mode!r} must be 'uniform' or 'popularity'")
+        counts = torch.as_tensor(np.asarray(item_counts), dtype=torch.float64).clone().clamp(min=0)  # (n_items,)
         self.n_items = len(counts)
-        if self.n_items < 2:
-            raise ValueError("need at least one real item to sample negatives")
+        if counts.dim() != 1 or self.n_items < 2:
+            raise ValueError(f"item_counts must be a vector over the vocabulary incl. padding 0 (got shape "
+                             f"{tuple(counts.shape)}); it needs at least one real item")
         counts[0] = 0
+        self.mode = mode
+        if counts.sum() > 0:
+            freq = counts / counts.sum()
+        else:
+            freq = torch.ones_like(counts)
+            freq[0] = 0
+            freq /= freq.sum()
         if mode == "uniform":
-            probs = torch.ones_like(counts)
+            probs = torch.full_like(counts, 1.0 / (self.n_items - 1))
             probs[0] = 0
         else:
-            probs = counts.clamp(min=0)
-            if probs.sum() <= 0:
-                raise ValueError("popularity negatives need item counts > 0")
-        probs = probs / probs.sum()
-        self.mode = mode
-        self.log_q = torch.log(probs.clamp(min=1e-30)).to(torch.float32)  # (n_items,)
-        self.cdf = torch.cumsum(probs, 0).to(torch.float64)
+            if counts.sum() <= 0:
+                raise ValueError("popularity negatives need item counts > 0; use mode='uniform'")
+            probs = freq
+        self.log_q = _floored_log(probs)  # (n_items,) float32
+        self.log_freq = _floored_log(freq)  # (n_items,) float32
+        self._cdf = torch.cumsum(probs, 0)  # (n_items,) float64
+        self._cdf[-1] = 1.0
         self.generator = torch.Generator().manual_seed(seed)
 
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids (n,), log Q(ids) (n,))."""
+        """n ids drawn with replacement (n,) long, and their log Q (n,) float32, on the CPU."""
         if self.mode == "uniform":
             ids = torch.randint(1, self.n_items, (n,), generator=self.generator)
         else:
             u = torch.rand(n, generator=self.generator, dtype=torch.float64)
-            ids = torch.searchsorted(self.cdf, u, right=True).clamp(1, self.n_items - 1)
+            ids = torch.searchsorted(self._cdf, u, right=True).clamp_(1, self.n_items - 1)
         return ids, self.log_q[ids]
+
+
+def _floored_log(p: torch.Tensor) -> torch.Tensor:
+    floor = p[p > 0].min()
+    return torch.log(torch.where(p > 0, p, floor)).to(torch.float32)
 
 
 def sampled_softmax_loss(user_vec: torch.Tensor, target_vec: torch.Tensor, target_ids: torch.Tensor,
                          neg_vec: torch.Tensor, neg_ids: torch.Tensor, neg_log_q: torch.Tensor | None = None,
                          target_log_q: torch.Tensor | None = None, in_batch: bool = False,
                          temperature: float = 1.0) -> torch.Tensor:
-    """Softmax cross-entropy of the target against sampled negatives.
+    """Mean softmax cross-entropy of each row's target against shared sampled negatives.
+
+    Logits are dot products divided by `temperature`; the log-Q correction then subtracts log Q of
+    each candidate (target_log_q from the positive and from the in-batch columns, neg_log_q from
+    the sampled columns). A negative equal to the row's target gets logit -inf, so with every item
+    sampled once (uniform, no log-Q) this is exactly the full softmax over the catalogue.
 
     Args:
         user_vec: (B, D) user vectors (after label-aware attention).
-        target_vec: (B, D) target item vectors; target_ids: (B,).
-        neg_vec: (N, D) shared sampled negatives; neg_ids: (N,).
-        neg_log_q / target_log_q: log sampling probabilities, subtracted from the logits
-            (log-Q correction) when given.
-        in_batch: also use the other rows' targets as negatives.
-        temperature: logits are divided by it (needed with L2-normalised vectors).
+        target_vec: (B, D) target item vectors.
+        target_ids: (B,) target item ids.
+        neg_vec: (N, D) sampled negative vectors, shared by the batch.
+        neg_ids: (N,) their ids.
+        neg_log_q: (N,) log Q of the negatives, or None for no correction.
+        target_log_q: (B,) log Q of the targets, or None.
+        in_batch: also use the other rows' targets as negatives (equal ids masked).
+        temperature: > 0; needed (e.g. 0.05) when vectors are L2-normalised.
 
-    A negative equal to the row's target is masked out, so with every item sampled (uniform,
-    no log-Q) this equals the full softmax over the catalogue.
+    Example:
+        >>> u = torch.tensor([[1.0, 0.0]]); items = torch.eye(2)
+        >>> loss = sampled_softmax_loss(u, items[:1], torch.tensor([1]), items[1:], torch.tensor([2]))
+        >>> round(loss.item(), 4)  # -log(e / (e + 1))
+        0.3133
     """
-    pos = (user_vec * target_vec).sum(-1, keepdim=True) / temperature  # (B, 1)
-    neg = user_vec @ neg_vec.T / temperature  # (B, N)
+    if not temperature > 0:
+        raise ValueError(f"temperature {temperature} must be > 0")
+    inv_t = 1.0 / temperature
+    pos = (user_vec * target_vec).sum(-1, keepdim=True) * inv_t  # (B, 1)
+    neg = (user_vec @ neg_vec.T) * inv_t  # (B, N)
+    if target_log_q is not None:
+        pos = pos - target_log_q[:, None]
     if neg_log_q is not None:
         neg = neg - neg_log_q[None, :]
-        if target_log_q is not None:
-            pos = pos - target_log_q[:, None]
-    minus_inf = torch.finfo(neg.dtype).min
-    neg = neg.masked_fill(neg_ids[None, :] == target_ids[:, None], minus_inf)
+    neg = neg.masked_fill(neg_ids[None, :] == target_ids[:, None], -math.inf)
     logits = [pos, neg]
     if in_batch:
-        ib = user_vec @ target_vec.T / temperature  # (B, B)
+        ib = (user_vec @ target_vec.T) * inv_t  # (B, B): column k is row k's target
         if target_log_q is not None:
             ib = ib - target_log_q[None, :]
-        same = target_ids[None, :] == target_ids[:, None]  # includes the diagonal
-        logits.append(ib.masked_fill(same, minus_inf))
-    logits = torch.cat(logits, dim=1)
-    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+        logits.append(ib.masked_fill(target_ids[None, :] == target_ids[:, None], -math.inf))  # incl. the diagonal
+    all_logits = torch.cat(logits, dim=1)  # (B, 1 + N [+ B])
+    return F.cross_entropy(all_logits, torch.zeros(len(all_logits), dtype=torch.long, device=all_logits.device))
 
 
-def retrieval_loss(model, batch: RetrievalBatch, sampler: NegativeSampler, n_negatives: int,
-                   in_batch: bool = False) -> torch.Tensor:
-    """MIND / YouTube DNN training loss: interests -> label-aware attention -> sampled softmax."""
-    V, valid = model.user_interests(batch.hist, batch.hist_mask, batch.n_events)  # (B, K, D), (B, K)
-    target_vec = model.item_vectors(batch.target)  # (B, D)
+def retrieval_loss(model: MIND, batch: RetrievalBatch, sampler: NegativeSampler, n_neg: int,
+                   in_batch: bool = False, log_q: bool = True) -> torch.Tensor:
+    """MIND / YouTube DNN training loss: interests -> label-aware attention -> sampled softmax (SPEC §2.4-2.5).
+
+    Args:
+        model: a MIND (or YouTube DNN) model.
+        batch: RetrievalBatch.
+        sampler: NegativeSampler; draws `n_neg` negatives shared by the batch.
+        n_neg: number of sampled negatives N.
+        in_batch: also use the other rows' targets as negatives.
+        log_q: apply the log-Q correction where the proposal is not uniform: popularity
+            negatives (log Q = sampler.log_q) and in-batch negatives (log Q = sampler.log_freq).
+            Uniform negatives alone need none (a constant shift).
+
+    Example:
+        >>> from facetrec.models.mind import MINDConfig
+        >>> m = MIND(MINDConfig(n_items=10, dim=8), {}, {})
+        >>> hist = torch.tensor([[1, 2], [3, 0]])
+        >>> b = RetrievalBatch(torch.arange(2), hist, hist > 0, torch.tensor([4, 5]), torch.tensor([2, 1]))
+        >>> retrieval_loss(m, b, NegativeSampler(np.ones(10)), 5).shape
+        torch.Size([])
+    """
+    user = batch.user if model.cfg.n_users > 0 else None
+    neg_ids, neg_log_q = sampler.sample(n_neg)
+    device = batch.target.device
+    neg_ids = neg_ids.to(device)
+    B = len(batch.target)
+    ids = torch.cat([batch.target, neg_ids])  # (B + N,)
+    # (B, K, D), (B, K), (B + N, D) from one item-tower pass
+    V, valid, vecs = model.interests_and_items(batch.hist, batch.hist_mask, batch.n_events, ids, user)
+    target_vec, neg_vec = vecs.split([B, n_neg])  # (B, D), (N, D)
     user_vec = model.label_aware(V, valid, target_vec)  # (B, D)
-    neg_ids, neg_log_q = sampler.sample(n_negatives)
-    neg_ids = neg_ids.to(batch.target.device)
-    neg_vec = model.item_vectors(neg_ids)  # (N, D)
-    correct = sampler.mode == "popularity"
-    return sampled_softmax_loss(
-        user_vec, target_vec, batch.target, neg_vec, neg_ids,
-        neg_log_q=neg_log_q.to(user_vec.device) if correct else None,
-        target_log_q=sampler.log_q.to(user_vec.device)[batch.target] if correct else None,
-        in_batch=in_batch, temperature=model.cfg.temperature,
-    )
+    target_log_q = None
+    if log_q and sampler.mode == "popularity":
+        neg_log_q = neg_log_q.to(device)
+        target_log_q = sampler.log_q.to(device)[batch.target]
+    elif log_q and in_batch:
+        # uniform sampled columns share one constant log Q; the in-batch columns follow the data
+        neg_log_q = neg_log_q.to(device)
+        target_log_q = sampler.log_freq.to(device)[batch.target]
+    else:
+        neg_log_q = None
+    return sampled_softmax_loss(user_vec, target_vec, batch.target, neg_vec, neg_ids, neg_log_q=neg_log_q,
+                                target_log_q=target_log_q, in_batch=in_batch, temperature=model.cfg.temperature)

@@ -1,0 +1,130 @@
+"""Sampled softmax and negative sampling (SPEC §2.5), checked against hand-written full softmax."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from facetrec.data.batches import RetrievalBatch
+from facetrec.models.losses import NegativeSampler, retrieval_loss, sampled_softmax_loss
+from facetrec.models.mind import MIND, MINDConfig
+
+N_ITEMS = 30
+
+
+def vectors(B=5, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randn(N_ITEMS, D, generator=g)
+    items[0] = 0
+    return items, torch.randn(B, D, generator=g), torch.randint(1, N_ITEMS, (B,), generator=g)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.2])
+def test_sampled_softmax_with_every_item_sampled_equals_the_full_softmax(temperature):
+    items, user, target = vectors()
+    all_ids = torch.arange(1, N_ITEMS)  # the target is among them and gets masked as a negative
+    loss = sampled_softmax_loss(user, items[target], target, items[all_ids], all_ids, temperature=temperature)
+    full = F.cross_entropy(user @ items[1:].T / temperature, target - 1)
+    assert torch.allclose(loss, full, atol=1e-6)
+
+
+def test_a_sampled_negative_equal_to_the_target_is_masked():
+    items, user, target = vectors(B=1)
+    other = torch.tensor([i for i in range(1, 6) if i != target.item()])
+    dup = torch.cat([other, target])
+    with_dup = sampled_softmax_loss(user, items[target], target, items[dup], dup)
+    without = sampled_softmax_loss(user, items[target], target, items[other], other)
+    assert torch.allclose(with_dup, without)
+
+
+def test_log_q_correction_subtracts_log_q_from_every_logit():
+    items, user, target = vectors(B=3)
+    neg = torch.tensor([1, 2, 3, 4])
+    log_q = -torch.arange(N_ITEMS, dtype=torch.float32) / 10
+    loss = sampled_softmax_loss(user, items[target], target, items[neg], neg,
+                                neg_log_q=log_q[neg], target_log_q=log_q[target])
+    logits = torch.cat([(user * items[target]).sum(1, keepdim=True) - log_q[target][:, None],
+                        user @ items[neg].T - log_q[neg][None, :]], 1)
+    logits[:, 1:] = logits[:, 1:].masked_fill(neg[None, :] == target[:, None], -math.inf)
+    assert torch.allclose(loss, F.cross_entropy(logits, torch.zeros(3, dtype=torch.long)), atol=1e-6)
+
+
+def test_in_batch_negatives_are_the_other_rows_targets_with_equal_ids_masked():
+    items, user, _ = vectors(B=3)
+    target = torch.tensor([4, 7, 4])  # rows 0 and 2 share a target: not a negative for each other
+    neg = torch.tensor([9])
+    loss = sampled_softmax_loss(user, items[target], target, items[neg], neg, in_batch=True)
+    by_hand = []
+    for r in range(3):
+        others = [k for k in range(3) if target[k] != target[r]]
+        logits = torch.stack([user[r] @ items[target[r]], user[r] @ items[9],
+                              *[user[r] @ items[target[k]] for k in others]])
+        by_hand.append(-torch.log_softmax(logits, 0)[0])
+    assert torch.allclose(loss, torch.stack(by_hand).mean(), atol=1e-6)
+
+
+def test_sampler_never_draws_padding_and_follows_popularity():
+    s = NegativeSampler(np.array([100, 1, 0, 9]), "popularity", seed=0)
+    ids, log_q = s.sample(20000)
+    assert ids.min() >= 1 and not (ids == 2).any()  # padding and a zero-count item are never drawn
+    assert abs((ids == 3).float().mean().item() - 0.9) < 0.02
+    assert torch.allclose(log_q[ids == 1][:1], torch.log(torch.tensor([0.1])), atol=1e-5)
+    assert torch.isfinite(s.log_q).all()  # a zero-count target never makes the correction infinite
+    u = NegativeSampler(np.array([0, 5, 1, 1, 1]), "uniform", seed=0)
+    ids, log_q = u.sample(4000)
+    assert set(ids.tolist()) == {1, 2, 3, 4} and torch.allclose(log_q, torch.full_like(log_q, -math.log(4)))
+    assert torch.allclose(u.log_freq[1:], torch.log(torch.tensor([5.0, 1, 1, 1]) / 8))
+
+
+def test_sampler_seed_makes_draws_reproducible():
+    a = NegativeSampler(np.ones(100), "uniform", seed=3).sample(50)[0]
+    b = NegativeSampler(np.ones(100), "uniform", seed=3).sample(50)[0]
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="uniform"):
+        NegativeSampler(np.zeros(5), "popularity")
+
+
+class _AllItems(NegativeSampler):
+    """Every item once, in order: sampled softmax becomes the full softmax."""
+
+    def sample(self, n):
+        ids = torch.arange(1, self.n_items)
+        return ids, self.log_q[ids]
+
+
+def _model():
+    torch.manual_seed(0)
+    cate = torch.randint(1, 4, (N_ITEMS, 1))
+    cate[0] = 0
+    return MIND(MINDConfig(n_items=N_ITEMS, dim=8, hidden=(16,)), {"cate": cate}, {"cate": 4}).eval()
+
+
+def _batch():
+    hist = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 0, 0, 0], [8, 9, 10, 11, 0]])
+    return RetrievalBatch(user=torch.arange(3), hist=hist, hist_mask=hist > 0, target=torch.tensor([12, 3, 20]),
+                          n_events=torch.tensor([20, 2, 4]))
+
+
+def test_retrieval_loss_with_every_item_sampled_equals_full_softmax_of_the_model():
+    m, b = _model(), _batch()
+    loss = retrieval_loss(m, b, _AllItems(np.ones(N_ITEMS)), N_ITEMS - 1)
+    V, valid = m.user_interests(b.hist, b.hist_mask, b.n_events)
+    user = m.label_aware(V, valid, m.item_vectors(b.target))
+    full = F.cross_entropy(user @ m.item_vectors(torch.arange(1, N_ITEMS)).T, b.target - 1)
+    assert torch.allclose(loss, full, atol=1e-5)
+
+
+def test_retrieval_loss_applies_popularity_log_q():
+    m, b = _model(), _batch()
+    counts = np.arange(N_ITEMS, dtype=float)
+    s = _AllItems(counts, "popularity")
+    loss = retrieval_loss(m, b, s, N_ITEMS - 1)
+    V, valid = m.user_interests(b.hist, b.hist_mask, b.n_events)
+    user = m.label_aware(V, valid, m.item_vectors(b.target))
+    logits = user @ m.item_vectors(torch.arange(1, N_ITEMS)).T - s.log_q[1:][None, :]
+    assert torch.allclose(loss, F.cross_entropy(logits, b.target - 1), atol=1e-5)
+    assert not torch.allclose(loss, retrieval_loss(m, b, s, N_ITEMS - 1, log_q=False))
