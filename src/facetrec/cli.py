@@ -95,12 +95,24 @@ def export(
     out: Path = typer.Option(..., help="Artifact root; a new version is written under it and made current."),
     ranking: Optional[Path] = typer.Option(None, help="Run directory of a dien / din / base training."),
     index: Optional[str] = typer.Option(None, help="ANN index kind: exact | hnsw | ivf | ivfpq (default: the run's train.index)."),
+    index_param: Optional[List[str]] = typer.Option(None, "--index-param", help="Index parameter KEY=INT, e.g. efSearch=256 (repeatable)."),
+    top_m: Optional[int] = typer.Option(None, help="Candidates per interest from the index (default: the run's train.top_m)."),
+    candidates: int = typer.Option(200, help="Merged candidates the ranker scores per request."),
 ) -> None:
     """Package trained runs as a versioned, verified serving artifact."""
     from facetrec.serving.export import export as run_export
 
     try:
-        version = run_export(retrieval, out, ranking, index_kind=index)
+        params = None
+        if index_param:
+            params = {}
+            for kv in index_param:
+                k, sep, v = kv.partition("=")
+                if not sep or not v.strip().lstrip("-").isdigit():
+                    raise FacetrecError(f"--index-param {kv!r}: write KEY=INT, e.g. efSearch=256")
+                params[k.strip()] = int(v)
+        version = run_export(retrieval, out, ranking, index_kind=index, index_params=params, candidates=candidates,
+                             top_m=top_m)
     except FacetrecError as e:
         _fail(e)
     typer.echo(f"exported {version}")
@@ -114,20 +126,23 @@ def serve(
     port: int = typer.Option(8000, help="Port to bind."),
     workers: int = typer.Option(1, help="Server processes (use a redis:// store to share state between hosts)."),
 ) -> None:
-    """Serve recommendations over HTTP (FastAPI + uvicorn)."""
+    """Serve recommendations over HTTP (FastAPI + uvicorn): POST /recommend, POST /events, GET /users/{id}/interests."""
     import os
 
     import uvicorn
 
-    from facetrec.serving.artifacts import load_manifest, resolve_version
+    from facetrec.serving.artifacts import resolve_version
+    from facetrec.serving.pipeline import Pipeline
     from facetrec.serving.store import open_store
 
     try:
         version = resolve_version(artifact)
-        load_manifest(version)  # refuse a broken artifact before starting workers
+        Pipeline(version)  # refuse a broken or inconsistent artifact before starting workers
         open_store(store).close()
     except FacetrecError as e:
         _fail(e)
+    except Exception as e:  # e.g. redis not reachable
+        _fail(RuntimeError(f"store {store!r} cannot be opened: {e}"))
     os.environ["FACETREC_ARTIFACT"] = str(version)
     os.environ["FACETREC_STORE"] = store
     uvicorn.run("facetrec.serving.app:app_from_env", factory=True, host=host, port=port, workers=workers,

@@ -1,24 +1,50 @@
-"""HTTP API (FastAPI) over the recall -> rank pipeline and the durable user-state store.
+"""HTTP API (FastAPI) over the recall -> rank pipeline and the durable user-state store (SPEC §5).
 
-    POST /recommend            user id (history from the store) or an explicit history -> top-n with explanations
-    POST /events               batch ingest; 200 only after the events are durable; repeated event ids stored once
-    GET  /users/{id}/interests the user's interests and the behaviours routed to each
-    GET  /healthz  /readyz  /metrics (Prometheus)
+    POST /recommend             user id (history from the store) or an explicit history -> top-n with explanations
+    POST /events                batch ingest; 200 only once the events are durable; a repeated event id is stored once
+    GET  /users/{id}/interests  the user's interests and the behaviours routed to each
+    GET  /healthz               the process is up
+    GET  /readyz                artifact loaded and the store reachable (503 otherwise)
+    GET  /metrics               Prometheus text format (per worker process)
 
-Bad input gets a 4xx that says what is wrong: 413 for a body over the limit, 415 for a body
-that is not JSON, 400 for JSON that cannot be parsed, 422 for a body that does not fit the
-schema (unknown fields, wrong types, NaN, ids out of range or not in the catalogue, n out of
-range, timestamps zero / in the future / out of order within a user's batch).
+What each kind of input gets (every case has a test in tests/serving/test_app.py; never a 500):
+
+    input                                              answer
+    -------------------------------------------------  ---------------------------------------------------------------
+    unknown user_id (no stored events)                 200, cold-start path: most popular items ("path": "cold_start")
+    explicit empty history []                          200, cold-start path
+    history longer than max_history (up to 100,000)    200; the models read the most recent max_history items, K'_u
+                                                       counts them all, the last 1000 distinct are excluded as seen
+    history over 100,000 items                         422
+    body over 2 MiB (Content-Length or actual bytes)   413
+    item id not in the catalogue                       422 listing the unknown ids (for /events: nothing is stored)
+    id < 0 or >= 2^63 (integer catalogues)             422
+    id of the wrong JSON type (float, bool, null in a  422; ids are integers when the dataset's raw ids all are,
+      list, string for an int catalogue, or vice versa) else strings of 1-256 characters; "user_id": null = absent
+    NaN / Infinity / -Infinity tokens                  400 (they are not JSON)
+    n <= 0, n > 1000 or n > catalogue size             422
+    duplicate items in a history                       accepted: repeated behaviours are real signal
+    event timestamp <= 0                               422
+    event timestamp > 1 day ahead of the server clock  422
+    one user's events out of time order in a batch     422 (send them oldest first); an event older than what is
+                                                       already stored is accepted and appended in arrival order
+    malformed JSON, or nested deeper than the parser   400
+      allows
+    Content-Type other than application/json           415
+    unknown fields                                     422
+    neither user_id nor history                        422
+    repeated event id (in one batch or across batches) 200; stored once; listed in "duplicate_ids"
+    empty events list, or more than 1000 events        422
+
+A 4xx body is {"error": "<what is wrong and what to do>", "detail": ...}.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: FastAPI must see the request classes built in _models()
 import json
 import math
 import time
 from typing import Annotated, Any, Optional, Union
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -29,25 +55,47 @@ from facetrec.serving.pipeline import Pipeline, UnknownItems
 from facetrec.serving.store import Event, UserStore
 
 MAX_BODY_BYTES = 2 << 20  # 2 MiB: room for a 100k-item explicit history
-MAX_HISTORY_IN = 100_000  # longer explicit histories are refused (413); the model reads the last max_history
+MAX_HISTORY_IN = 100_000  # longer explicit histories are refused; the model reads the last max_history
+MAX_N = 1000  # most results per request: the ranker scores max(n, candidates) items
 MAX_EVENTS = 1000  # per /events batch
+STORE_READ = 1000  # most recent stored events read per request (model window + seen-item exclusion)
 FUTURE_SKEW_S = 86_400  # timestamps more than a day ahead of the server clock are refused
+MAX_ERRORS_SHOWN = 20
 INT_ID = Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
 STR_ID = Annotated[StrictStr, Field(min_length=1, max_length=256)]
 
 
-def _models(int_ids: bool):
-    """Request/response schemas; ids are integers when the dataset's raw ids are, else strings."""
+
+class ErrorBody(BaseModel):
+    """Every 4xx / 503 body: what is wrong and what to do, plus machine-readable detail where there is some."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"error": "1 item id(s) not in the catalogue: 'B000XXXX'", "detail": {"unknown_item_ids": ["B000XXXX"]}}]})
+    error: str
+    detail: Optional[Any] = None
+
+
+ERRORS: dict[Union[int, str], dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "Body is not valid JSON (includes NaN / Infinity, too deep nesting)."},
+    413: {"model": ErrorBody, "description": f"Body over {MAX_BODY_BYTES} bytes."},
+    415: {"model": ErrorBody, "description": "Content-Type is not application/json."},
+    422: {"model": ErrorBody, "description": "Body does not fit the schema, or names items not in the catalogue."},
+}
+
+
+def _models(int_ids: bool, example_item: Any, example_user: Any):
+    """Request schemas; ids are integers when the dataset's raw ids are, else strings."""
     Id = INT_ID if int_ids else STR_ID
-    example_item = 1 if int_ids else "B0001"
 
     class RecommendRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid", json_schema_extra={
-            "examples": [{"user_id": example_item, "n": 10}, {"history": [example_item], "n": 5, "exclude_seen": True}]})
+        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+            {"user_id": example_user, "n": 10},
+            {"history": [example_item], "n": 5, "exclude_seen": True},
+        ]})
         user_id: Optional[Id] = Field(None, description="Read the history from the store (unknown user -> cold start).")
         history: Optional[list[Id]] = Field(None, max_length=MAX_HISTORY_IN,
                                             description="Explicit history, oldest first; overrides the stored one.")
-        n: StrictInt = Field(20, ge=1, description="How many items to return (at most the catalogue size).")
+        n: StrictInt = Field(20, ge=1, le=MAX_N, description="How many items to return (at most the catalogue size).")
         exclude_seen: StrictBool = Field(True, description="Leave out items already in the history.")
 
         @model_validator(mode="after")
@@ -65,7 +113,7 @@ def _models(int_ids: bool):
 
     class EventsRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"events": [
-            {"event_id": "e-1", "user_id": example_item, "item_id": example_item, "timestamp": 1700000000}]}]})
+            {"event_id": "e-1", "user_id": example_user, "item_id": example_item, "timestamp": 1700000000}]}]})
         events: list[EventIn] = Field(..., min_length=1, max_length=MAX_EVENTS)
 
     return RecommendRequest, EventsRequest
@@ -73,19 +121,24 @@ def _models(int_ids: bool):
 
 class Item(BaseModel):
     item_id: Union[int, str]
-    score: float
+    score: float = Field(..., description="Click probability from the ranker (retrieval score without one; 0 for popularity fill).")
     retrieval_score: float
     interest: int = Field(..., description="Index of the interest that retrieved it; -1 = cold-start popularity.")
     because: list[Union[int, str]] = Field(..., description="Behaviours routed most strongly to that interest.")
 
 
 class RecommendResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "items": [{"item_id": "B0002", "score": 0.83, "retrieval_score": 4.1, "interest": 1, "because": ["B0001"]}],
+        "path": "personal", "history_used": 1, "artifact": "v20261123T031500-ab12"}]})
     items: list[Item]
     path: str = Field(..., description="'personal' (recall -> rank) or 'cold_start' (no history).")
-    history_used: int
+    history_used: int = Field(..., description="Behaviours the models read (the most recent max_history).")
+    artifact: str
 
 
 class EventsResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"stored": 1, "duplicates": 0, "duplicate_ids": []}]})
     stored: int
     duplicates: int
     duplicate_ids: list[str]
@@ -111,54 +164,112 @@ def _error(status: int, message: str, detail: Any = None) -> JSONResponse:
     return JSONResponse(status_code=status, content=body)
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
+class BodyGuard:
+    """ASGI middleware in front of the routes: size limit, content type, well-formed JSON; counts requests.
+
+    Checked before FastAPI sees the body, so that an oversized, non-JSON or pathological body
+    gets a precise 4xx (413 / 415 / 400) and never reaches the validators. The body is read at
+    most MAX_BODY_BYTES + 1 bytes far, whether or not Content-Length was sent.
+    """
+
+    def __init__(self, app, limit: int, observe) -> None:
+        self.app, self.limit, self.observe = app, limit, observe
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                rejected, receive = await self._check(scope, receive)
+                if rejected is not None:
+                    return await rejected(scope, receive, send_counted)
+            await self.app(scope, receive, send_counted)
+        finally:
+            self.observe(scope["path"], status["code"], time.perf_counter() - t0)
+
+    async def _check(self, scope, receive):
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return _error(413, f"body over {self.limit} bytes; send fewer events or a shorter history"), receive
+        ctype = headers.get(b"content-type", b"").decode("latin-1")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            return _error(415, f"Content-Type must be application/json, got {ctype or 'none'!r}"), receive
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return _error(400, "client disconnected before sending the body"), receive
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return _error(413, f"body over {self.limit} bytes; send fewer events or a shorter history"), receive
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        try:
+            json.loads(body, parse_constant=_reject_constant)
+        except RecursionError:
+            return _error(400, "JSON nested too deeply"), receive
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, NaN / Infinity, ints over 4300 digits
+            return _error(400, f"body is not valid JSON: {e}"), receive
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return None, replay
+
+
 def create_app(pipeline: Pipeline, store: UserStore) -> FastAPI:
+    """The FastAPI app over one loaded pipeline and one store (each worker process builds its own)."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
     int_ids = pipeline.raw_int
-    RecommendRequest, EventsRequest = _models(int_ids)
+    example_item = pipeline.raw_items[int(pipeline.popular[0])]
+    example_user = 1 if int_ids else "A1B2C3"
+    RecommendRequest, EventsRequest = _models(int_ids, example_item, example_user)
     registry = CollectorRegistry()
     requests = Counter("facetrec_requests_total", "Requests by endpoint and status", ["endpoint", "status"], registry=registry)
     latency = Histogram("facetrec_request_seconds", "Request latency", ["endpoint"], registry=registry,
                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.08, 0.1, 0.25, 0.5, 1, 2.5))
     events_total = Counter("facetrec_events_stored_total", "Events durably stored", registry=registry)
+    dups_total = Counter("facetrec_events_duplicate_total", "Events whose id was already stored", registry=registry)
+    paths = Counter("facetrec_recommend_path_total", "Recommendations by path", ["path"], registry=registry)
+    known = {"/recommend", "/events", "/healthz", "/readyz", "/metrics"}
+
+    def observe(path: str, status: int, seconds: float) -> None:
+        endpoint = path if path in known else ("/users/{id}/interests" if path.startswith("/users/") else "other")
+        requests.labels(endpoint, str(status)).inc()
+        latency.labels(endpoint).observe(seconds)
 
     app = FastAPI(title="facetrec", version="1", description=__doc__)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        t0 = time.perf_counter()
-        path = request.url.path
-        if request.method == "POST":
-            length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-                return _count(_error(413, f"body over {MAX_BODY_BYTES} bytes; send fewer events or a shorter history"), path)
-            body = await request.body()  # also bounds chunked bodies without a length
-            if len(body) > MAX_BODY_BYTES:
-                return _count(_error(413, f"body over {MAX_BODY_BYTES} bytes"), path)
-            ctype = request.headers.get("content-type", "")
-            if ctype.split(";")[0].strip().lower() != "application/json":
-                return _count(_error(415, f"content-type must be application/json, got {ctype or 'none'!r}"), path)
-            try:
-                json.loads(body, parse_constant=_reject_constant)
-            except RecursionError:
-                return _count(_error(400, "JSON nested too deeply"), path)
-            except ValueError as e:
-                return _count(_error(400, f"body is not valid JSON: {e}"), path)
-        response = await call_next(request)
-        latency.labels(path if path in KNOWN else "other").observe(time.perf_counter() - t0)
-        return _count(response, path)
-
-    KNOWN = {"/recommend", "/events", "/healthz", "/readyz", "/metrics"}
-
-    def _count(response, path):
-        requests.labels(path if path in KNOWN else ("/users/{id}/interests" if path.startswith("/users/") else "other"),
-                        str(response.status_code)).inc()
-        return response
+    app.add_middleware(BodyGuard, limit=MAX_BODY_BYTES, observe=observe)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        errs = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
-        return _error(422, "request does not match the schema; see detail and /docs", errs)
+        errs = exc.errors()
+        shown = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                 for e in errs[:MAX_ERRORS_SHOWN]]
+        more = f" ({len(errs)} errors, first {MAX_ERRORS_SHOWN} shown)" if len(errs) > MAX_ERRORS_SHOWN else ""
+        return _error(422, "request does not match the schema; see detail and /docs" + more, shown)
 
     @app.exception_handler(UnknownItems)
     async def _unknown(request: Request, exc: UnknownItems):
@@ -168,71 +279,87 @@ def create_app(pipeline: Pipeline, store: UserStore) -> FastAPI:
     async def _bad(request: Request, exc: FacetrecError):
         return _error(422, str(exc))
 
-    @app.post("/recommend", response_model=RecommendResponse)
+    def _key(x: Any) -> str:
+        return str(x)
+
+    @app.post("/recommend", response_model=RecommendResponse, responses=ERRORS)
     def recommend(req: RecommendRequest) -> RecommendResponse:  # type: ignore[valid-type]
+        """Top-n items: recall with each of the user's interests, rank the merged candidates, explain each."""
         if req.n > pipeline.n_items - 1:
             return _error(422, f"n = {req.n} is larger than the catalogue ({pipeline.n_items - 1} items)")
         if req.history is not None:
-            raw = req.history
+            hist = pipeline.encode(req.history)  # unknown items -> 422
+            n_events = len(hist)
         else:
-            raw = [item for item, _ in store.history(_key(req.user_id), pipeline.max_history)]
-        raw = raw[-pipeline.max_history:]  # the model reads the most recent behaviours
-        hist = pipeline.encode(raw) if raw else np.zeros(0, dtype=np.int64)
-        recs = pipeline.recommend(hist, req.n, req.exclude_seen)
+            stored = [item for item, _ in store.history(_key(req.user_id), STORE_READ)]
+            # items a newer catalogue dropped are skipped; they were valid when ingested
+            hist = pipeline.encode(stored, drop_unknown=True)
+            n_events = store.count(_key(req.user_id)) - (len(stored) - len(hist))
+        recs = pipeline.recommend(hist, req.n, req.exclude_seen, n_events=n_events, user=req.user_id)
+        path = "personal" if len(hist) else "cold_start"
+        paths.labels(path).inc()
         return RecommendResponse(items=[Item(item_id=r.item, score=_finite(r.score), retrieval_score=_finite(r.retrieval_score),
                                              interest=r.interest, because=r.because) for r in recs],
-                                 path="personal" if len(hist) else "cold_start", history_used=len(hist))
+                                 path=path, history_used=min(len(hist), pipeline.max_history), artifact=pipeline.version)
 
-    @app.post("/events", response_model=EventsResponse)
+    @app.post("/events", response_model=EventsResponse, responses=ERRORS)
     def events(req: EventsRequest) -> EventsResponse:  # type: ignore[valid-type]
+        """Append behaviours to users' sequences; answers only after they are durable."""
         now = time.time()
         last: dict[str, int] = {}
         for k, e in enumerate(req.events):
             if e.timestamp > now + FUTURE_SKEW_S:
-                return _error(422, f"events[{k}].timestamp {e.timestamp} is in the future (server time {int(now)})")
+                return _error(422, f"events[{k}].timestamp {e.timestamp} is in the future (server time {int(now)}); "
+                                   f"send Unix seconds")
             u = _key(e.user_id)
             if e.timestamp < last.get(u, 0):
-                return _error(422, f"events[{k}]: timestamps of user {e.user_id} go backwards within the batch; send them in time order")
+                return _error(422, f"events[{k}]: timestamps of user {e.user_id!r} go backwards within the batch; "
+                                   f"send each user's events oldest first")
             last[u] = e.timestamp
         pipeline.encode([e.item_id for e in req.events])  # unknown items -> 422 before anything is stored
         res = store.append([Event(e.event_id, _key(e.user_id), _key(e.item_id), e.timestamp) for e in req.events])
         events_total.inc(res.stored)
+        dups_total.inc(res.duplicates)
         return EventsResponse(stored=res.stored, duplicates=res.duplicates, duplicate_ids=list(res.duplicate_ids))
 
     id_type = int if int_ids else str
 
-    @app.get("/users/{user_id}/interests", response_model=InterestsResponse)
+    @app.get("/users/{user_id}/interests", response_model=InterestsResponse, responses={422: ERRORS[422]})
     def interests(user_id: id_type) -> InterestsResponse:  # type: ignore[valid-type]
+        """The user's K'_u interests: strength (capsule length) and the behaviours routed most strongly to each."""
         if int_ids and not 0 <= user_id < 2**63:
-            return _error(422, "user_id must be in [0, 2^63)")
-        raw = [item for item, _ in store.history(_key(user_id), pipeline.max_history)]
-        hist = pipeline.encode(raw) if raw else np.zeros(0, dtype=np.int64)
+            return _error(422, f"user_id {user_id} must be in [0, 2^63)")
+        if not int_ids and not 1 <= len(user_id) <= 256:
+            return _error(422, "user_id must be 1-256 characters")
+        stored = [item for item, _ in store.history(_key(user_id), pipeline.max_history)]
+        hist = pipeline.encode(stored, drop_unknown=True)
+        n_events = store.count(_key(user_id)) - (len(stored) - len(hist)) if len(hist) else 0
         out = [InterestOut(index=i.index, strength=_finite(i.strength), behaviours=i.behaviours, weights=i.weights)
-               for i in pipeline.interests(hist)]
-        return InterestsResponse(user_id=user_id, history_length=len(hist), interests=out)
+               for i in pipeline.interests(hist, n_events)]
+        return InterestsResponse(user_id=user_id, history_length=n_events, interests=out)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {"model": ErrorBody, "description": "The user-state store is not reachable."}})
     def readyz():
-        if not store.ping():
+        """Readiness: artifact loaded and verified, store reachable."""
+        try:
+            ok = store.ping()
+        except Exception:  # a broken store connection must read as not ready, not as a crash
+            ok = False
+        if not ok:
             return _error(503, "user-state store not reachable")
-        return {"status": "ready", "artifact": pipeline.manifest["version"], "items": pipeline.n_items - 1}
+        return {"status": "ready", "artifact": pipeline.version, "items": pipeline.n_items - 1}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     def metrics():
+        """Prometheus metrics of this worker process."""
         return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
-    def _key(x: Any) -> str:
-        return str(x)
-
     return app
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not allowed in JSON bodies")
 
 
 def _finite(x: float) -> float:

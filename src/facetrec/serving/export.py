@@ -1,11 +1,19 @@
 """`facetrec export`: trained runs -> one versioned, verified serving artifact.
 
     facetrec export --retrieval runs/amazon-beauty/mind --ranking runs/amazon-beauty/dien --out artifacts/amazon-beauty
+
+What goes in (artifacts.py has the layout): the prepared data's feature map, item and user id
+maps and item attribute tables; each model's typed config as JSON and its weights as
+safetensors (no pickle); the ANN index over the retrieval model's item vectors; a manifest
+with the sha256 and size of every file. Both runs must come from one prepared dataset (their
+feature maps are compared byte for byte). The version is written into a temp folder and
+renamed into place (`write_version`), so a crash mid-export leaves the previous version live.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,6 +40,8 @@ def _load_run(run_dir: Path, prep: Prepared | None = None):
     cfg = load_run_config(run_dir)
     name = model_name(cfg)
     best = run_dir / "best.pt"
+    if not (run_dir / "feature_map.json").exists():
+        raise ConfigError(f"{run_dir} has no feature_map.json: it is not a finished `facetrec train` run")
     if not best.exists():
         raise ConfigError(f"{run_dir} has no best.pt: train it first (facetrec train ... --set run.dir={run_dir})")
     prep = prep or Prepared(ensure_prepared(cfg, verbose=False))
@@ -43,11 +53,23 @@ def _load_run(run_dir: Path, prep: Prepared | None = None):
     return cfg, name, mcfg, model, prep
 
 
-def export(retrieval_run: str | Path, out: str | Path, ranking_run: str | Path | None = None,
-           index_kind: str | None = None, index_params: dict[str, Any] | None = None, candidates: int = 200) -> Path:
-    """Write a new artifact version under `out` and make it current; returns its directory."""
+def _save_weights(model: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
+    os.chmod(path, 0o644)  # safetensors writes 0600; the server may run as another user
+
+
+def export(retrieval_run: str | Path, out: str | Path, ranking_run: str | Path | None = None,
+           index_kind: str | None = None, index_params: dict[str, Any] | None = None, candidates: int = 200, top_m: int | None = None) -> Path:
+    """Write a new artifact version under `out` and make it current; returns its directory.
+
+    Args:
+        retrieval_run, ranking_run: run directories of `facetrec train` (mind | youtubednn; dien | din | base).
+        index_kind, index_params: ANN index (default: the retrieval run's train.index / index_params).
+        candidates: how many merged retrieval candidates the ranker scores per request.
+        top_m: candidates per interest from the ANN index (default: the retrieval run's train.top_m).
+    """
     from facetrec.index.ann import build_index
     from facetrec.train.retrieval import all_item_vectors
 
@@ -56,15 +78,22 @@ def export(retrieval_run: str | Path, out: str | Path, ranking_run: str | Path |
     if rname not in ("mind", "youtubednn"):
         raise ConfigError(f"--retrieval {retrieval_run} is a {rname} run; it must be mind or youtubednn")
     fm_hash = _sha(prep.path / "feature_map.json")
+    if _sha(retrieval_run / "feature_map.json") != fm_hash:
+        raise ConfigError(f"{retrieval_run} was trained on a feature map that differs from today's prepared data "
+                          f"{prep.path} (the raw data or prepare settings changed): retrain, then export")
     ranking = None
     if ranking_run is not None:
         ranking_run = Path(ranking_run)
+        if not (ranking_run / "feature_map.json").exists():
+            raise ConfigError(f"{ranking_run} has no feature_map.json: it is not a finished `facetrec train` run")
         if _sha(ranking_run / "feature_map.json") != fm_hash:
             raise ConfigError(f"{ranking_run} was trained on other prepared data than {retrieval_run} "
                               f"(feature maps differ); train both from the same data config")
         ranking = _load_run(ranking_run, prep)
         if ranking[1] not in ("dien", "din", "base"):
             raise ConfigError(f"--ranking {ranking_run} is a {ranking[1]} run; it must be dien, din or base")
+    if top_m is not None and top_m < 1 or candidates < 1:
+        raise ConfigError(f"top_m ({top_m}) and candidates ({candidates}) must be >= 1")
     kind = index_kind or rcfg.train.index
     params = index_params if index_params is not None else dict(rcfg.train.index_params)
     vectors = all_item_vectors(rmodel, prep.n_items)
@@ -74,15 +103,15 @@ def export(retrieval_run: str | Path, out: str | Path, ranking_run: str | Path |
         for name in ("feature_map.json", "items.parquet", "users.parquet", "item_features.npz"):
             shutil.copyfile(prep.path / name, d / name)
         write_json(d / "retrieval.config.json", model_spec(rname, rmcfg))
-        save_file({k: v.contiguous() for k, v in rmodel.state_dict().items()}, str(d / "retrieval.safetensors"))
+        _save_weights(rmodel, d / "retrieval.safetensors")
         index = build_index(vectors, ids, kind=kind, **params)
         index.save(d / "index.faiss")
         parts: dict[str, Any] = {"retrieval": {"model": rname, "run": str(retrieval_run), "feature_map_sha256": fm_hash,
-                                               "top_m": rcfg.train.top_m}}
+                                               "top_m": int(top_m or rcfg.train.top_m)}}
         if ranking is not None:
             _, kname, kmcfg, kmodel, _ = ranking
             write_json(d / "ranking.config.json", model_spec(kname, kmcfg))
-            save_file({k: v.contiguous() for k, v in kmodel.state_dict().items()}, str(d / "ranking.safetensors"))
+            _save_weights(kmodel, d / "ranking.safetensors")
             parts["ranking"] = {"model": kname, "run": str(ranking_run), "feature_map_sha256": fm_hash,
                                 "candidates": candidates}
         return {"parts": parts, "index": {"kind": kind, "params": params, "items": int(len(ids)), "dim": int(vectors.shape[1])},

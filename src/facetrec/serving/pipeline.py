@@ -4,8 +4,22 @@
       -> merge by max over interests (seen items excluded) -> DIEN scores the candidates -> top-N
 
 Each result carries the interest that retrieved it and the behaviours routed most strongly to
-that interest (from the routing weights: the same code the report's heatmaps use). Users with
-no history take the cold-start path: the most popular items.
+that interest (the last-iteration B2I routing weights, `MIND.route(...).weights`). Users with
+no history take the cold-start path: the most popular items of the training log.
+
+Interests are computed exactly as training and evaluation compute them
+(`train.retrieval.user_interests` via `data.dataset.retrieval_batch`):
+  - the model reads the most recent `max_history` behaviours (the feature map's value);
+  - K'_u comes from n_events = |I_u|, the *full* number of the user's events, not the length
+    of the truncated window (evaluation passes `ends`, the full count before the target);
+    serving passes the store's event count, or the length of an explicit history;
+  - the model is in eval mode, so the routing noise uses salt 0: one history, one answer;
+  - the user profile embedding (when the model has one, n_users > 0) gets the internal user
+    id from the artifact's users.parquet, 0 (unknown) for users the training log never saw.
+The ranking model sees the same truncated window, as `ranking_batch` gives it in training.
+
+    p = Pipeline("artifacts/amazon-beauty")
+    recs = p.recommend(p.encode(["B0001", "B0002"]), n=10)   # -> [Recommended(item=..., interest=0, because=[...])]
 """
 
 from __future__ import annotations
@@ -28,149 +42,253 @@ class UnknownItems(FacetrecError):
 
     def __init__(self, ids: Sequence[Any]) -> None:
         self.ids = list(ids)
-        shown = ", ".join(map(str, self.ids[:5])) + (" ..." if len(self.ids) > 5 else "")
+        shown = ", ".join(map(repr, self.ids[:5])) + (" ..." if len(self.ids) > 5 else "")
         super().__init__(f"{len(self.ids)} item id(s) not in the catalogue: {shown}")
 
 
 @dataclass
 class Recommended:
     item: Any  # raw item id
-    score: float  # ranking score (click probability) or retrieval score when no ranker
-    retrieval_score: float
-    interest: int  # index of the interest that retrieved it (-1 = cold-start path)
+    score: float  # ranking score (click probability), or the retrieval score when there is no ranker
+    retrieval_score: float  # max over interests of e_i · v_u^k
+    interest: int  # index of the interest that retrieved it (-1 = cold-start / popularity fill)
     because: list[Any] = field(default_factory=list)  # behaviours routed most strongly to that interest
 
 
 @dataclass
 class Interest:
     index: int
-    strength: float  # capsule length in (0, 1): how present the interest is
+    strength: float  # capsule length in [0, 1): how present the interest is
     behaviours: list[Any]  # raw ids, strongest routing first
-    weights: list[float]
+    weights: list[float]  # their routing weights
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"{path} is not a readable safetensors file ({e}); export again") from None
 
 
 class Pipeline:
-    """A loaded, verified artifact version ready to answer requests (one thread per worker)."""
+    """A loaded, verified artifact version ready to answer requests.
 
-    def __init__(self, artifact: str | Path, explain_top: int = 3) -> None:
+    Args:
+        artifact: an artifact root (follows CURRENT) or one version directory.
+        explain_top: behaviours listed per interest in explanations.
+        max_exclude: most recent distinct history items excluded from results ("seen").
+
+    Raises:
+        ArtifactError: missing / truncated / altered files, or parts that do not fit together
+            (feature map, model configs, weights and index must describe one catalogue).
+    """
+
+    def __init__(self, artifact: str | Path, explain_top: int = 3, max_exclude: int = 1000) -> None:
         from facetrec.index.ann import load_index
 
         self.version_dir = resolve_version(artifact)
         self.manifest = load_manifest(self.version_dir)
+        self.version = str(self.manifest.get("version", self.version_dir.name))
         d = self.version_dir
         self.feature_map = json.loads((d / "feature_map.json").read_text())
         self.raw_int = self.feature_map.get("raw_id_type") == "int"
         items = pl.read_parquet(d / "items.parquet").sort("id")
         raw = items["raw_id"].to_list()
-        self.raw_items: list[Any] = [None] + ([int(x) for x in raw] if self.raw_int else raw)
+        self.raw_items: list[Any] = [None] + ([int(x) for x in raw] if self.raw_int else [str(x) for x in raw])
         self.item_index = {str(r): i for i, r in enumerate(self.raw_items) if i > 0}  # keyed by the id as text
-        self.n_items = len(self.raw_items)
+        self.n_items = len(self.raw_items)  # incl. padding 0
+        fm_items = int(self.feature_map.get("n_items", self.n_items))
+        if items["id"].to_list() != list(range(1, self.n_items)) or fm_items != self.n_items:
+            raise ArtifactError(f"{d}: items.parquet holds {self.n_items - 1} items (ids must be 1..N), the feature map "
+                                f"says n_items = {fm_items}: the files come from different prepared data; export again")
         counts = np.zeros(self.n_items, dtype=np.int64)
-        counts[items["id"].to_numpy()] = items["count"].to_numpy()
-        self.popular = np.argsort(-counts[1:], kind="stable") + 1
+        counts[1:] = items["count"].to_numpy()
+        self.popular = np.argsort(-counts[1:], kind="stable") + 1  # internal ids, most popular first
         self.max_history = int(self.feature_map["max_history"])
         self.explain_top = explain_top
+        self.max_exclude = max_exclude
         with np.load(d / "item_features.npz", allow_pickle=False) as z:
             feats = {k: torch.from_numpy(z[k].astype(np.int64)) for k in z.files}
         vocab = {k: int(v["vocab"]) for k, v in self.feature_map["item_fields"].items()}
         parts = self.manifest.get("parts", {})
         if "retrieval" not in parts:
             raise ArtifactError(f"{d}: the manifest has no retrieval part; export a MIND or YouTube DNN run")
-        self.retrieval = _build_part(d, "retrieval", parts["retrieval"], feats, vocab)
-        self.ranking = _build_part(d, "ranking", parts["ranking"], feats, vocab) if "ranking" in parts else None
-        self.index = load_index(d / "index.faiss")
+        self.retrieval = _build_part(d, "retrieval", self.n_items, feats, vocab)
+        self.ranking = _build_part(d, "ranking", self.n_items, feats, vocab) if "ranking" in parts else None
+        try:
+            self.index = load_index(d / "index.faiss")
+        except (ValueError, RuntimeError, OSError) as e:
+            raise ArtifactError(f"{d / 'index.faiss'} cannot be read ({e}); export again") from None
+        dim = int(self.retrieval.cfg.dim)
+        if self.index.ntotal != self.n_items - 1 or self.index.dim != dim:
+            raise ArtifactError(f"{d / 'index.faiss'} holds {self.index.ntotal} vectors of dim {self.index.dim}, but the "
+                                f"catalogue has {self.n_items - 1} items and the retrieval model dim {dim}: "
+                                f"index and model come from different exports; export again")
         self.top_m = int(parts["retrieval"].get("top_m", 200))
         self.n_candidates = int(parts.get("ranking", {}).get("candidates", 200))
+        self._users: dict[str, int] | None = None
+        needs_users = self.retrieval.cfg.n_users > 0 or (self.ranking is not None and getattr(self.ranking.cfg, "n_users", 0) > 0)
+        if needs_users:
+            users = pl.read_parquet(d / "users.parquet")
+            self._users = {str(r): int(i) for r, i in zip(users["raw_id"].to_list(), users["id"].to_list())}
 
     # ------------------------------------------------------------ ids
 
-    def encode(self, raw_items: Sequence[Any]) -> np.ndarray:
-        """Raw item ids (int or str) -> internal ids; raises UnknownItems listing those not in the catalogue."""
-        ids = [self.item_index.get(str(r), 0) for r in raw_items]
-        bad = [r for r, i in zip(raw_items, ids) if i == 0]
-        if bad:
-            raise UnknownItems(bad)
+    def encode(self, raw_items: Sequence[Any], drop_unknown: bool = False) -> np.ndarray:
+        """Raw item ids (int or str) -> internal ids (L,) int64.
+
+        Raises UnknownItems listing the ids not in the catalogue, or with drop_unknown leaves
+        them out (stored histories may hold items a newer catalogue no longer has).
+        """
+        get = self.item_index.get
+        ids = [get(str(r), 0) for r in raw_items]
+        if drop_unknown:
+            return np.asarray([i for i in ids if i], dtype=np.int64)
+        if 0 in ids:
+            raise UnknownItems([r for r, i in zip(raw_items, ids) if i == 0])
         return np.asarray(ids, dtype=np.int64)
 
-    def _tensors(self, hist: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        hist = hist[-self.max_history:]
-        h = torch.from_numpy(hist).view(1, -1)  # (1, L)
-        return h, torch.ones_like(h, dtype=torch.bool), torch.tensor([len(hist)])
+    def user_id(self, raw_user: Any) -> int:
+        """Internal user id for the models' profile embeddings; 0 = unknown (or not needed)."""
+        if self._users is None or raw_user is None:
+            return 0
+        return self._users.get(str(raw_user), 0)
+
+    def _window(self, hist: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's input: the most recent max_history behaviours, (1, L) ids and (1, L) mask."""
+        h = torch.from_numpy(np.ascontiguousarray(hist[-self.max_history:])).view(1, -1)  # (1, L)
+        return h, torch.ones_like(h, dtype=torch.bool)
+
+    def _route(self, hist: np.ndarray, n_events: int | None):
+        h, m = self._window(hist)
+        n = max(int(n_events) if n_events is not None else len(hist), h.shape[1])
+        return h, m, self.retrieval.route(h, m, torch.tensor([n]))  # eval mode: salt 0
+
+    def _because(self, weights: np.ndarray, window: np.ndarray, j: int) -> tuple[list[Any], list[float]]:
+        """The distinct behaviours with the largest routing weight to interest j, strongest first."""
+        order = np.argsort(-weights[:, j], kind="stable")
+        items, ws = [], []
+        for i in order:
+            raw = self.raw_items[int(window[i])]
+            if raw in items:
+                continue
+            items.append(raw)
+            ws.append(round(float(weights[i, j]), 4))
+            if len(items) >= self.explain_top:
+                break
+        return items, ws
 
     # ------------------------------------------------------------ requests
 
     @torch.no_grad()
-    def route(self, hist: np.ndarray):
-        h, m, n = self._tensors(hist)
-        return self.retrieval.route(h, m, n), hist[-self.max_history:]
-
-    @torch.no_grad()
-    def interests(self, hist: np.ndarray) -> list[Interest]:
-        """The user's valid interests with their strength and the behaviours routed to each."""
+    def interests(self, hist: np.ndarray, n_events: int | None = None) -> list[Interest]:
+        """The user's valid interests (K'_u of them) with their strength and the behaviours routed to each."""
         if len(hist) == 0:
             return []
-        r, used = self.route(hist)
-        out = []
+        h, _, r = self._route(hist, n_events)
         w = r.weights[0].numpy()  # (L, K)
+        window = h[0].numpy()
+        out = []
         for j in np.nonzero(r.valid[0].numpy())[0]:
-            order = np.argsort(-w[:, j], kind="stable")[: self.explain_top]
-            out.append(Interest(int(j), float(r.lengths[0, j]), [self.raw_items[used[i]] for i in order],
-                                [round(float(w[i, j]), 4) for i in order]))
+            items, ws = self._because(w, window, int(j))
+            out.append(Interest(int(j), float(r.lengths[0, j]), items, ws))
         return out
 
     @torch.no_grad()
-    def recommend(self, hist: np.ndarray, n: int, exclude_seen: bool = True) -> list[Recommended]:
-        """Top-n items for a history of internal ids (empty -> cold-start popularity)."""
-        n = max(1, min(int(n), self.n_items - 1))
-        if len(hist) == 0:
-            return [Recommended(self.raw_items[i], 0.0, 0.0, -1) for i in self.popular[:n]]
+    def interest_vectors(self, hist: np.ndarray, n_events: int | None = None, user: Any = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """Interest vectors V (K, D) float32 and validity (K,) bool for a non-empty history: what queries the index."""
+        _, _, r = self._route(np.asarray(hist, dtype=np.int64), n_events)
+        V = self.retrieval.interests_from_capsules(r.capsules, r.valid, torch.tensor([self.user_id(user)]))  # (1, K, D)
+        return V[0].float().numpy(), r.valid[0].numpy()
+
+    @torch.no_grad()
+    def recommend(self, hist: np.ndarray, n: int, exclude_seen: bool = True, n_events: int | None = None,
+                  user: Any = None) -> list[Recommended]:
+        """Top-n items for a history of internal ids, oldest first (empty -> cold-start popularity).
+
+        Args:
+            hist: (L,) internal item ids; the model reads the last max_history, exclusion uses
+                the last `max_exclude` distinct ones.
+            n: results wanted (fewer come back only when exclusion leaves fewer items).
+            exclude_seen: leave out items in the history.
+            n_events: |I_u| for K'_u (default len(hist)).
+            user: raw user id, for models with a profile embedding.
+        """
         from facetrec.index.ann import multi_interest_search
 
-        r, used = self.route(hist)
-        h, m, cnt = self._tensors(hist)
-        vecs, valid = self.retrieval.user_interests(h, m, cnt)
-        exclude = (np.array([0, len(hist)]), hist) if exclude_seen else None
+        n = max(1, min(int(n), self.n_items - 1))
+        hist = np.asarray(hist, dtype=np.int64)
+        seen = _recent_distinct(hist, self.max_exclude) if exclude_seen else np.zeros(0, dtype=np.int64)
+        if len(hist) == 0:
+            return self._fill([], n, seen)
+        h, m, r = self._route(hist, n_events)
+        uid = self.user_id(user)
+        vecs = self.retrieval.interests_from_capsules(r.capsules, r.valid, torch.tensor([uid]))  # (1, K, D)
         want = max(n, self.n_candidates if self.ranking is not None else n)
-        ids, scores, which = multi_interest_search(self.index, vecs.numpy().astype(np.float32), valid.numpy(),
-                                                   max(self.top_m, want), want, exclude)
+        ids, scores, which = multi_interest_search(self.index, vecs.float().numpy(), r.valid.numpy(),
+                                                   max(self.top_m, want), want, (np.array([0, len(seen)]), seen))
         keep = ids[0] > 0
         ids, scores, which = ids[0][keep], scores[0][keep], which[0][keep]
         final = scores.astype(np.float64)
         if self.ranking is not None and len(ids):
-            logits = self.ranking.score_candidates(h[0], m[0], torch.from_numpy(ids))
+            logits = self.ranking.score_candidates(h[0], m[0], torch.from_numpy(ids), user=uid)  # (N,)
             final = torch.sigmoid(logits.float()).numpy().astype(np.float64)
         order = np.argsort(-final, kind="stable")[:n]
         w = r.weights[0].numpy()  # (L, K)
+        window = h[0].numpy()
         out = []
         for i in order:
             j = int(which[i])
-            top = np.argsort(-w[:, j], kind="stable")[: self.explain_top]
-            out.append(Recommended(self.raw_items[ids[i]], float(final[i]), float(scores[i]), j,
-                                   [self.raw_items[used[b]] for b in top]))
-        if len(out) < n:  # tiny catalogues or many exclusions: fill from popularity
-            seen = set(ids.tolist()) | (set(hist.tolist()) if exclude_seen else set())
-            for i in self.popular:
-                if len(out) >= n:
-                    break
-                if int(i) not in seen:
-                    out.append(Recommended(self.raw_items[i], 0.0, 0.0, -1))
+            because, _ = self._because(w, window, j)
+            out.append(Recommended(self.raw_items[int(ids[i])], float(final[i]), float(scores[i]), j, because))
+        return self._fill(out, n, np.concatenate([seen, ids]))
+
+    def _fill(self, out: list[Recommended], n: int, skip: np.ndarray) -> list[Recommended]:
+        """Top up with popular items (cold start, tiny catalogues, heavy exclusion)."""
+        if len(out) >= n:
+            return out
+        taken = set(skip.tolist())
+        for i in self.popular:
+            if len(out) >= n:
+                break
+            if int(i) not in taken:
+                out.append(Recommended(self.raw_items[int(i)], 0.0, 0.0, -1, []))
         return out
 
 
-def _build_part(d: Path, part: str, info: dict[str, Any], feats, vocab) -> torch.nn.Module:
+def _recent_distinct(hist: np.ndarray, k: int) -> np.ndarray:
+    """The last k distinct ids of hist (any order)."""
+    rev = hist[::-1]
+    _, first = np.unique(rev, return_index=True)
+    return rev[np.sort(first)[:k]]
+
+
+def _build_part(d: Path, part: str, n_items: int, feats: dict[str, torch.Tensor], vocab: dict[str, int]) -> torch.nn.Module:
     from facetrec.train.build import model_from_spec
 
-    spec = json.loads((d / f"{part}.config.json").read_text())
-    model = model_from_spec(spec, feats, vocab)
+    try:
+        spec = json.loads((d / f"{part}.config.json").read_text())
+        cfg_items = int(spec["config"]["n_items"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{d / (part + '.config.json')} is missing or not a model spec ({e}); export again") from None
+    if cfg_items != n_items:
+        raise ArtifactError(f"{part} model was trained for {cfg_items - 1} items, the artifact's catalogue has {n_items - 1}: "
+                            f"the parts come from different prepared data; export again")
+    try:
+        model = model_from_spec(spec, feats, vocab)
+    except (FacetrecError, ValueError) as e:
+        raise ArtifactError(f"{d / (part + '.config.json')} does not fit the artifact's feature map: {e}") from None
     state = load_state_dict_file(d / f"{part}.safetensors")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ArtifactError(f"{d / (part + '.safetensors')} does not fit {part}.config.json: {str(e)[:300]}") from None
     if missing or unexpected:
-        raise ArtifactError(f"{d / (part + '.safetensors')} does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ArtifactError(f"{d / (part + '.safetensors')} does not fit {part}.config.json: "
+                            f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.eval()
     return model
