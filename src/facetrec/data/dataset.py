@@ -195,8 +195,13 @@ def ranking_batch(prep: Prepared, s: RankingSamples, idx: np.ndarray, max_len: i
 
 def minibatches(n: int, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1) -> Iterator[np.ndarray]:
     """Index batches over n samples. `batch_size` is the global batch: with world > 1 every rank
-    takes its equal slice of each global batch (so N ranks step exactly like one process with
-    the same global batch), and a last global batch that does not split evenly is dropped."""
+    takes its slice of each global batch, so N ranks step like one process with the same global
+    batch and the same seed (the order depends on the seed only, never on the world size).
+
+    The last, shorter global batch is split as evenly as it goes (slices then differ in size by
+    one: weight each rank's loss with `train.distributed.global_shares`). Only when it has fewer
+    samples than there are ranks is it dropped — a rank with an empty slice could not run a
+    step — so one process then takes one more, tiny, step per epoch than N ranks do."""
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
     if world == 1:
         for lo in range(0, n, batch_size):
@@ -204,6 +209,5 @@ def minibatches(n: int, batch_size: int, shuffle: bool, seed: int, rank: int = 0
         return
     if batch_size % world:
         raise ValueError(f"train.batch_size {batch_size} must be divisible by the {world} processes")
-    per = batch_size // world
-    for lo in range(0, n - batch_size + 1, batch_size):
-        yield order[lo + rank * per:lo + (rank + 1) * per]
+    for lo in range(0, n - world + 1, batch_size):
+        yield np.array_split(order[lo:lo + batch_size], world)[rank]

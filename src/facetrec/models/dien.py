@@ -799,10 +799,13 @@ def _repeat(hist: torch.Tensor, hist_mask: torch.Tensor, candidates: torch.Tenso
 # ---------------------------------------------------------------- loss
 
 
-def ranking_loss(model: nn.Module, batch: RankingBatch) -> Tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def ranking_loss(model: nn.Module, batch: RankingBatch, bce_scale: float = 1.0,
+                 aux_scale: float = 1.0) -> Tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Training loss: BCE on the click label, plus α · auxiliary loss for DIEN with α > 0 (SPEC §3.2).
 
     Returns the total and its parts (detached): {"bce", "aux"} for DIEN with α > 0, else {"bce"}.
+    `bce_scale` / `aux_scale` multiply the two means (and their parts): under DDP each rank's
+    share of the global batch's samples / auxiliary positions (`train.distributed.global_shares`).
 
     Example:
         >>> cfg = DIENConfig(n_items=20, embed_dim=4, mlp=(8,))
@@ -816,8 +819,9 @@ def ranking_loss(model: nn.Module, batch: RankingBatch) -> Tuple[torch.Tensor, d
     """
     if isinstance(model, DIEN) and model.cfg.aux_alpha > 0:
         logits, aux = model.logits_and_aux(batch)
-        bce = F.binary_cross_entropy_with_logits(logits, batch.label.to(logits.dtype))
+        bce = F.binary_cross_entropy_with_logits(logits, batch.label.to(logits.dtype)) * bce_scale
+        aux = aux * aux_scale
         return bce + model.cfg.aux_alpha * aux, {"bce": bce.detach(), "aux": aux.detach()}
     logits = model(batch)
-    bce = F.binary_cross_entropy_with_logits(logits, batch.label.to(logits.dtype))
+    bce = F.binary_cross_entropy_with_logits(logits, batch.label.to(logits.dtype)) * bce_scale
     return bce, {"bce": bce.detach()}

@@ -329,6 +329,14 @@ class MIND(nn.Module):
         # only need to differ between steps (every rank counts the same steps)
         self._routing_calls = 0
 
+    def reseed_routing(self, seed: int) -> None:
+        """Restart the training-time routing salts (one per forward pass) from a hash of `seed`.
+
+        Training tasks call it at the start of every epoch with the epoch's seed, so that a run
+        resumed from a checkpoint draws the same routing logits as one never interrupted.
+        """
+        self._routing_calls = _fmix32(seed & _MASK32)
+
     # ------------------------------------------------------------ item side
 
     def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from torch import nn
 
 from facetrec.config import Config
 
@@ -39,3 +40,106 @@ def launch(cfg: Config, progress: bool = True) -> dict[str, Any]:
         return train(cfg, progress=progress, rank=rank, world=world)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def global_shares(*counts: int) -> list[float]:
+    """Weights that turn this rank's mean losses into its share of the global-batch means.
+
+    DistributedDataParallel averages gradients over the ranks. A rank whose slice holds n_r of
+    the N terms of a global batch must therefore scale its mean over those terms by
+    world * n_r / N: the ranks' average is then the mean over all N terms, as in one process.
+    Slices differ in size for the last batch of an epoch, and always for losses over a
+    variable number of positions (DIEN's auxiliary loss). One all-reduce for all counts;
+    1.0 each in a single process; a term with N = 0 anywhere gets 1.0 (its loss is 0).
+
+    Example:
+        >>> global_shares(32, 7)  # one process
+        [1.0, 1.0]
+    """
+    if not is_distributed():
+        return [1.0] * len(counts)
+    on_gpu = torch.distributed.get_backend() == "nccl"  # NCCL reduces GPU tensors only
+    t = torch.tensor(counts, dtype=torch.int64, device="cuda" if on_gpu else "cpu")
+    torch.distributed.all_reduce(t)
+    world = torch.distributed.get_world_size()
+    return [world * n / int(total) if total > 0 else 1.0 for n, total in zip(counts, t.tolist())]
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) with a gradient: d(Σ_r x_r)/dx_s = 1, so the backward sums the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = x.clone(memory_format=torch.contiguous_format)
+        torch.distributed.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        torch.distributed.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm whose training statistics are those of the global batch, on any device.
+
+    What torch's SyncBatchNorm does, which accepts GPU tensors only: under DDP every rank holds a
+    slice of the global batch, and a plain BatchNorm would normalise each slice with its own
+    mean and variance (and keep rank-local running statistics) — so N ranks would not compute
+    what one process computes (Dice, DIN/DIEN's activation, is a batch norm). Here the sums go
+    through autograd-aware all-reduces (mean first, then the centred squares, as torch's own
+    two-pass variance), so the gradient also flows through the other ranks' statistics.
+    Slices may differ in size (or be empty). In eval mode, or outside a process group, it is a
+    plain batch norm on the running statistics. The state dict is BatchNorm's.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected a (N, C, ...) input, got shape {tuple(input.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        all_reduce = _SumOverRanks.apply
+        dims = [0, *range(2, x.dim())]  # every axis but the channel's
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = x.new_tensor([x.numel() / max(1, x.shape[1])])
+        total = all_reduce(torch.cat([x.sum(dims), count]))  # (C + 1,)
+        n = total[-1].detach()
+        mean = total[:-1] / n  # (C,)
+        centred = x - mean.view(shape)
+        var = all_reduce((centred * centred).sum(dims)) / n  # (C,) biased, for normalising
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach(), momentum)
+                self.running_var.lerp_(var.detach() * n / max(float(n) - 1.0, 1.0), momentum)  # unbiased, as torch
+        return y
+
+
+def global_batchnorm(model: nn.Module) -> nn.Module:
+    """Swap every BatchNorm inside `model` for one with global-batch statistics (in place, same
+    parameters and buffers): torch's SyncBatchNorm on GPU, `GlobalBatchNorm` elsewhere."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, (GlobalBatchNorm, nn.SyncBatchNorm)):
+            cls = nn.SyncBatchNorm if child.running_mean is not None and child.running_mean.is_cuda else GlobalBatchNorm
+            new = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            if child.affine:
+                new.weight, new.bias = child.weight, child.bias
+            if child.track_running_stats:
+                new.running_mean, new.running_var = child.running_mean, child.running_var
+                new.num_batches_tracked = child.num_batches_tracked
+            new.train(child.training)
+            setattr(model, name, new)
+        else:
+            global_batchnorm(child)
+    return model

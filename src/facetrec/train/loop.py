@@ -13,6 +13,7 @@ Run directory:
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import math
@@ -81,7 +82,8 @@ def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
     if not _distributed():
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    on_gpu = torch.distributed.get_backend() == "nccl"  # NCCL reduces GPU tensors only
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device="cuda" if on_gpu else "cpu")
     torch.distributed.all_reduce(t)
     t /= torch.distributed.get_world_size()
     return dict(zip(keys, t.tolist()))
@@ -108,8 +110,16 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: i
     if _distributed():
         from torch.nn.parallel import DistributedDataParallel
 
+        from facetrec.train.distributed import global_batchnorm
+
+        global_batchnorm(model)  # batch statistics of the global batch, not of this rank's slice
         device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
-        step_module = DistributedDataParallel(step_module, device_ids=device_ids)
+        # no buffer broadcast before every forward: the models' buffers are constants (item
+        # attribute tables) or batch-norm statistics that every rank updates alike from the
+        # global batch (torch >= 2.13 renamed the option)
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
+        step_module = DistributedDataParallel(step_module, device_ids=device_ids, **no_sync)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"epoch": 0, "step": 0, "best": -math.inf, "best_epoch": 0, "bad": 0, "seconds": 0.0, "best_valid": {}}
     last = run_dir / "last.pt"
@@ -131,6 +141,13 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: i
                        disable=not progress or rank != 0, leave=False, mininterval=1.0)
             window: dict[str, float] = {}
             n_window = 0
+
+            def log_window() -> None:
+                means = _mean_across_ranks({k: v / n_window for k, v in window.items()})
+                bar.set_postfix(loss=f"{means['loss']:.4f}")
+                if log:
+                    log.write(json.dumps({"epoch": epoch, "step": state["step"], **means}) + "\n")
+
             for batch in bar:
                 loss, parts = step_module(batch)
                 opt.zero_grad(set_to_none=True)
@@ -141,16 +158,15 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: i
                 for k, v in {"loss": float(loss.detach()), **parts}.items():
                     window[k] = window.get(k, 0.0) + v
                 if n_window == log_every:
-                    means = _mean_across_ranks({k: v / n_window for k, v in window.items()})
-                    bar.set_postfix(loss=f"{means['loss']:.4f}")
-                    if log:
-                        log.write(json.dumps({"epoch": epoch, "step": state["step"], **means}) + "\n")
+                    log_window()
                     window, n_window = {}, 0
                 if not math.isfinite(float(loss.detach())):
                     raise FloatingPointError(f"loss became {float(loss.detach())} at step {state['step']}; lower train.lr")
                 if cfg.max_steps and state["step"] >= cfg.max_steps:
                     stop = True
                     break
+            if n_window:  # the epoch's last, shorter window (every rank has the same steps)
+                log_window()
             state["epoch"] = epoch
             if epoch % cfg.eval_every == 0 or stop or epoch == cfg.epochs:
                 valid = _on_rank0(lambda: task.evaluate("valid"), rank)
@@ -177,6 +193,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: i
     finally:
         if log:
             log.close()
+    if _distributed():
+        torch.distributed.barrier()  # rank 0 may still be writing best.pt
     best = run_dir / "best.pt"
     if best.exists():
         model.load_state_dict(load_checkpoint(best)["model"])

@@ -17,6 +17,7 @@ from facetrec.data.dataset import Prepared, RankingSamples, minibatches, ranking
 from facetrec.eval.metrics import auc, bucket_of, gauc, logloss
 from facetrec.models import dien as dien_mod
 from facetrec.train.build import build_model, make_config
+from facetrec.train.distributed import global_shares
 from facetrec.train.loop import Task
 
 BUCKET_EDGES = (5, 20)
@@ -66,7 +67,10 @@ def ranking_task(cfg: Config, prep: Prepared, model: torch.nn.Module, device: to
             yield ranking_batch(prep, train, idx, prep.max_history).to(device)
 
     def loss(batch):
-        total, parts = dien_mod.ranking_loss(model, batch)
+        # samples, and auxiliary-loss positions (t whose t + 1 is real; histories are left-aligned)
+        counts = (len(batch.label), int(batch.hist_mask[:, 1:].sum()))
+        bce_share, aux_share = global_shares(*counts)
+        total, parts = dien_mod.ranking_loss(model, batch, bce_scale=bce_share, aux_scale=aux_share)
         return total, {k: float(v) for k, v in parts.items()}
 
     def evaluate(split: str) -> dict[str, float]:

@@ -16,11 +16,13 @@ import torch
 from facetrec.config import Config
 from facetrec.data.dataset import (Prepared, RetrievalEvalSet, history_csr, minibatches, retrieval_batch,
                                    retrieval_eval_set, retrieval_train_samples)
+from facetrec.errors import ConfigError
 from facetrec.eval.metrics import topn_metrics
 from facetrec.index.ann import ann_recall, build_index, multi_interest_search
 from facetrec.models.losses import NegativeSampler, retrieval_loss
 from facetrec.models.mind import MIND
 from facetrec.train.build import build_model, make_config
+from facetrec.train.distributed import global_shares
 from facetrec.train.loop import Task
 
 KS = (20, 50)
@@ -129,18 +131,27 @@ def popularity_topn(prep: Prepared, es: RetrievalEvalSet, n: int) -> np.ndarray:
 
 def retrieval_task(cfg: Config, prep: Prepared, model: MIND, device: torch.device | str = "cpu",
                    rank: int = 0, world: int = 1) -> Task:
+    if world > 1 and cfg.train.in_batch_negatives:
+        raise ConfigError(f"train.in_batch_negatives with {world} processes would take each rank's slice, not the "
+                          "global batch, as in-batch negatives (so the run would not train like one process); "
+                          "set train.in_batch_negatives=false or run one process")
     users, pos = retrieval_train_samples(prep, cfg.train.protocol)
-    sampler = NegativeSampler(prep.item_counts, mode=cfg.train.negatives, seed=cfg.train.seed)  # same on every rank
+    # the same negatives on every rank at every step: drawn for the global batch, shared by its rows
+    sampler = NegativeSampler(prep.item_counts, mode=cfg.train.negatives, seed=cfg.train.seed)
     valid_set = retrieval_eval_set(prep, "valid", cfg.train.protocol, cfg.train.max_eval_users, seed=cfg.train.seed)
     bs = cfg.train.batch_size
 
     def batches(seed: int):
+        # random streams restart from the epoch's seed: a resumed run continues like an uninterrupted one
+        sampler.generator.manual_seed(seed)
+        model.reseed_routing(seed)
         for idx in minibatches(len(users), bs, True, seed, rank, world):
             yield retrieval_batch(prep, users[idx], pos[idx], prep.max_history).to(device)
 
     def loss(batch):
+        (share,) = global_shares(len(batch.target))  # rows are independent given the shared negatives
         value = retrieval_loss(model, batch, sampler, cfg.train.n_negatives, in_batch=cfg.train.in_batch_negatives)
-        return value, {}
+        return value * share, {}
 
     return Task(model=model, batches=batches, n_batches=-(-len(users) // bs), loss=loss,
                 evaluate=lambda split: evaluate_mind(model, prep, valid_set, cfg, device=device), monitor="recall@50")
