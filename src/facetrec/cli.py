@@ -149,6 +149,27 @@ def serve(
                 log_level="warning", limit_concurrency=512, timeout_keep_alive=30)
 
 
+@app.command()
+def report(
+    run_dirs: List[Path] = typer.Argument(..., help="Run directories written by `facetrec train` (seeds and models overlay)."),
+    out: Path = typer.Option(Path("runs/report"), "--out", help="Folder for the PNG figures, index.html and report.json."),
+    ann_results: Optional[List[Path]] = typer.Option(
+        None, "--ann-results", help="JSON written by benchmarks/index_recall.py --out (repeatable); "
+                                    "without it: a small sweep on the first MIND run's item vectors."),
+    users: int = typer.Option(3, help="Sample users shown with coupling-coefficient heatmaps."),
+    seed: int = typer.Option(0, help="Seed for sampling users and the random splits."),
+) -> None:
+    """Write PNG figures and one self-contained HTML page (figures embedded) about trained runs."""
+    from facetrec.report.build import ReportOptions, write_report
+
+    opts = ReportOptions(sample_users=users, seed=seed, ann_results=tuple(ann_results or ()))
+    try:
+        path = write_report(run_dirs, out, opts)
+    except FacetrecError as e:
+        _fail(e)
+    typer.echo(f"wrote {path}")
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,287 @@
+"""`facetrec report` on tiny trained runs: every figure is drawn, non-blank and embedded; missing inputs
+become notes; the page renders in headless Chromium without console errors; the numbers behind it."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from facetrec.report.analysis import (bucket_sort_key, interest_diversity, js_distance, mean_pairwise_js, mean_std,
+                                      random_split_js)
+
+ROOT = Path(__file__).resolve().parents[2]
+FIGURES = ("curves_retrieval.png", "curves_ranking.png", "metrics.png", "interest_diversity.png", "interest_counts.png",
+           "dien_attention.png", "buckets.png", "ann_recall_latency.png")
+
+
+@pytest.fixture(scope="module")
+def runs(synth_prepared, tmp_path_factory):
+    """Tiny runs on the synthetic log: MIND (seeds 0 and 1), popularity, DIEN; the prepared-data cache in tmp."""
+    from facetrec.config import load_config
+    from facetrec.train.run import train
+
+    raw = synth_prepared[1]
+    base = tmp_path_factory.mktemp("report-runs")
+    common = [f"data.root={raw}", "train.epochs=1", "train.threads=1", "train.batch_size=128", "train.n_negatives=200"]
+    specs = {
+        "mind-s0": ["model.name=mind", "model.dim=16", "model.hidden=[32]", "train.seed=0", "train.max_steps=20"],
+        "mind-s1": ["model.name=mind", "model.dim=16", "model.hidden=[32]", "train.seed=1", "train.max_steps=20"],
+        "popularity-s0": ["model.name=popularity"],
+        "dien-s0": ["model.name=dien", "model.embed_dim=8", "model.mlp=[16]", "train.max_steps=10"],
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FACETREC_CACHE", str(base / "cache"))
+        dirs = {}
+        for name, sets in specs.items():
+            cfg = load_config(ROOT / "configs" / "synthetic.yaml", common + sets + [f"run.dir={base / name}"])
+            train(cfg, progress=False)
+            dirs[name] = base / name
+        yield dirs
+
+
+@pytest.fixture(scope="module")
+def report(runs, tmp_path_factory):
+    """The report over all runs, written through the CLI command."""
+    from facetrec.cli import app
+
+    out = tmp_path_factory.mktemp("report")
+    result = CliRunner().invoke(app, ["report", *map(str, runs.values()), "--out", str(out), "--users", "2"])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out / 'index.html'}" in result.output
+    return out
+
+
+def _pixels(path: Path) -> np.ndarray:
+    import matplotlib.image
+
+    return matplotlib.image.imread(path)[..., :3]
+
+
+def test_every_figure_is_written_non_blank_and_embedded(report):
+    users = sorted(report.glob("interests_user*.png"))
+    assert len(users) == 2  # --users 2
+    page = (report / "index.html").read_text()
+    embedded = [base64.b64decode(b) for b in re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)]
+    for path in [report / f for f in FIGURES] + users:
+        assert path.exists(), f"{path.name} not written"
+        px = _pixels(path)
+        assert px.std() > 0.05, f"{path.name} looks blank (pixel std {px.std():.4f})"
+        assert path.read_bytes() in embedded, f"{path.name} is not embedded in index.html"
+    assert len(embedded) == len(FIGURES) + len(users)
+    assert "http://" not in page and "https://" not in page  # self-contained: nothing to fetch
+    summary = json.loads((report / "report.json").read_text())
+    assert summary["skipped"] == {}
+
+
+def test_metrics_table_groups_seeds(report, runs):
+    summary = json.loads((report / "report.json").read_text())
+    rows = {r["model"]: r for r in summary["metrics"]["retrieval"]}
+    assert set(rows) == {"mind", "popularity"}
+    assert rows["mind"]["seeds"] == [0, 1] and rows["popularity"]["baseline"]
+    got = [json.loads((runs[f"mind-s{s}"] / "metrics.json").read_text())["test"]["recall@50"] for s in (0, 1)]
+    assert rows["mind"]["recall@50"]["mean"] == pytest.approx(np.mean(got))
+    assert rows["mind"]["recall@50"]["std"] == pytest.approx(np.std(got, ddof=1))
+    assert rows["popularity"]["recall@50"]["n"] == 1 and rows["popularity"]["recall@50"]["std"] is None
+    page = (report / "index.html").read_text()
+    assert f"{np.mean(got):.4f} ± {np.std(got, ddof=1):.4f}" in page
+
+
+def test_interest_numbers_are_consistent(report, runs):
+    s = json.loads((report / "report.json").read_text())
+    div = s["interest_diversity"]
+    assert div["users"] > 0 and 0 <= div["interest_js"] <= 1 and 0 <= div["random_js"] <= 1
+    page = (report / "index.html").read_text()
+    assert f"<b>{div['interest_js']:.3f}</b>" in page and f"<b>{div['random_js']:.3f}</b>" in page
+    assert f"interests are <b>{div['verdict']}</b> random splits" in page
+    routed = s["routing_diversity"]
+    assert routed["users"] > 0 and f"are {routed['interest_js']:.3f} apart" in page
+    k_hist = s["k_prime"]["histogram"]
+    metrics = json.loads((runs["mind-s0"] / "metrics.json").read_text())
+    assert k_hist == {k: v for k, v in metrics["interests"]["k_prime_histogram"].items()}  # same users, same K'_u
+    att = s["dien_attention"]["attention_on_same_category"]
+    assert len(att) == 2 and all(0 <= a <= 1 for a in att)
+    assert set(s["buckets"]) == {"dien (without UIE)"}
+    assert "no UIE run among the inputs" in page
+
+
+def test_missing_inputs_become_notes(runs, tmp_path):
+    """A baseline without weights and a run still training: sections are skipped with notes, nothing crashes."""
+    from facetrec.report.build import ReportOptions, write_report
+
+    training = tmp_path / "still-training"
+    training.mkdir()
+    shutil.copy(runs["mind-s0"] / "config.yaml", training / "config.yaml")  # no metrics.json, no best.pt yet
+    page = write_report([runs["popularity-s0"], training], tmp_path / "out", ReportOptions()).read_text()
+    summary = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert summary["figures"] == ["metrics.png"]
+    assert set(summary["skipped"]) == {"curves", "interests", "kprime", "attention", "buckets", "ann"}
+    assert "no metrics.json yet" in page
+    assert page.count("class='note'") >= 6
+
+
+def test_run_whose_data_is_gone_keeps_its_metrics(runs, tmp_path, monkeypatch):
+    """Weights without their data (raw log moved, no cached preparation): model sections become notes."""
+    import yaml
+
+    from facetrec.report.build import ReportOptions, write_report
+
+    moved = tmp_path / "moved-run"
+    shutil.copytree(runs["mind-s0"], moved)
+    cfg = yaml.safe_load((moved / "config.yaml").read_text())
+    cfg["data"]["root"] = str(tmp_path / "no-such-data")
+    (moved / "config.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("FACETREC_CACHE", str(tmp_path / "empty-cache"))
+    write_report([moved], tmp_path / "out", ReportOptions())
+    summary = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert summary["figures"] == ["curves_retrieval.png", "metrics.png"]
+    assert "prepared data cannot be loaded" in " ".join(summary["skipped"]["interests"])
+
+
+def test_bad_run_dir_is_a_clear_error(tmp_path):
+    from facetrec.cli import app
+
+    result = CliRunner().invoke(app, ["report", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "not a run directory" in result.output
+
+
+def test_ann_section_reads_benchmark_json(runs, tmp_path):
+    from facetrec.report.build import Report, ReportOptions
+
+    bench = tmp_path / "index_recall_test.json"
+    bench.write_text(json.dumps({"source": "unit test", "n": 1000, "k": 10, "rows": [
+        {"index": "exact", "params": {}, "recall@10": 1.0, "p50_ms": 0.5},
+        {"index": "hnsw", "params": {"efSearch": 16}, "recall@10": 0.8, "p50_ms": 0.05},
+        {"index": "hnsw", "params": {"efSearch": 64}, "recall@10": 0.97, "p50_ms": 0.1}]}))
+    rep = Report([runs["popularity-s0"]], tmp_path / "out", ReportOptions(ann_results=(bench,)))
+    section = rep.ann()  # popularity has no item vectors: only the JSON can feed this section
+    assert [p.name for p, _ in section.figures] == ["ann_recall_latency.png"]
+    assert rep.numbers["ann"][0]["rows"][2]["recall@10"] == 0.97
+    assert _pixels(section.figures[0][0]).std() > 0.05
+
+
+# ---------------------------------------------------------------- headless Chromium
+
+
+def _chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed; .ci/run installs it with apt-get")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    return exe
+
+
+def _render(page: Path, shot: Path) -> list[str]:
+    """Screenshot `page` in headless Chromium; return the page's console messages."""
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--screenshot={shot}",
+           "--window-size=1280,1600", "--enable-logging=stderr", "--v=0", page.resolve().as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert shot.exists(), f"chromium wrote no screenshot (rc {proc.returncode}): {proc.stderr[-2000:]}"
+    return [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+
+
+def test_console_check_catches_a_broken_page(tmp_path):
+    """The console check below is real: a page with a broken figure and a script error is caught."""
+    page = tmp_path / "broken.html"
+    page.write_text("<!doctype html><html><head><script>" + _check_images_script() + "</script></head><body>"
+                    "<img alt='bad.png' src='data:image/png;base64,AAAA'><script>notAFunction()</script></body></html>")
+    console = _render(page, tmp_path / "broken.png")
+    text = "\n".join(console)
+    assert "figure failed to load: bad.png" in text and "notAFunction" in text
+
+
+def _check_images_script() -> str:
+    from facetrec.report.build import _CHECK_IMAGES
+
+    return _CHECK_IMAGES
+
+
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    shot = tmp_path / "report.png"
+    console = _render(report / "index.html", shot)
+    assert console == [], "console messages while rendering the report:\n" + "\n".join(console)
+    px = _pixels(shot)
+    assert px.std() > 0.05, "the screenshot is blank"
+    assert (px.min(axis=2) < 0.5).mean() > 0.01  # dark pixels: text and plotted figures were painted
+
+
+# ---------------------------------------------------------------- the numbers
+
+
+def test_js_distance_matches_scipy():
+    scipy_distance = pytest.importorskip("scipy.spatial.distance")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        p, q = rng.random(7) * (rng.random(7) > 0.3), rng.random(7) + 1e-3
+        assert js_distance(p, q) == pytest.approx(scipy_distance.jensenshannon(p, q, base=2), abs=1e-12)
+    assert js_distance(np.array([1.0, 0, 0]), np.array([0, 0, 5.0])) == 1.0
+
+
+def test_interest_diversity_separates_planted_structure_from_random_splits():
+    """Interests that each retrieve one category are far apart (JS = 1); random splits of the same items are not."""
+    cate = np.repeat(np.arange(1, 5), 50)  # items 0..199, 4 categories
+    planted = [[np.arange(c * 50, c * 50 + 40) for c in range(3)]]  # three interests, disjoint categories
+    mixed = [[np.arange(0, 200, 5), np.arange(1, 200, 5), np.arange(2, 200, 5)]]  # every interest: all categories
+    d = interest_diversity([1], planted, cate, 5, top_m=40)
+    assert d.interest_js == pytest.approx(1.0) and d.random_js < 0.5 and d.share_above == 1.0
+    m = interest_diversity([1], mixed, cate, 5, top_m=40)
+    assert m.interest_js == pytest.approx(0.0) and m.share_above == 0.0
+    assert interest_diversity([1], [[np.arange(10)]], cate, 5, top_m=10).users == 0  # one interest: nothing to compare
+    many = interest_diversity(range(5), planted * 5, cate, 5, top_m=40)
+    assert many.verdict == "further apart than" and many.diff_ci[0] > 0
+    same = interest_diversity(range(5), mixed * 5, cate, 5, top_m=40)
+    assert same.verdict == "closer than"  # identical interests: less apart than the noise of random splits
+
+
+def test_random_split_keeps_group_sizes_and_items():
+    groups = [np.array([1, 1, 1, 2]), np.array([2, 2])]
+    # with two categories of counts 3/3 split 4/2, the distance is that of some 4/2 split: at most js([3,1],[0,2])
+    v = random_split_js(groups, 3, np.random.default_rng(0), repeats=50)
+    assert 0 <= v <= js_distance(np.array([0, 3, 1]), np.array([0, 0, 2])) + 1e-12
+    assert mean_pairwise_js(groups, 3) == pytest.approx(js_distance(np.array([0, 3, 1]), np.array([0, 0, 2])))
+
+
+def test_mean_std_and_bucket_order():
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5), 2)
+    m, sd, n = mean_std([0.5])
+    assert m == 0.5 and np.isnan(sd) and n == 1
+    assert sorted(["6-20", ">20", "<=5"], key=bucket_sort_key) == ["<=5", "6-20", ">20"]
+
+
+def test_explanations_follow_the_routing_weights():
+    from facetrec.models.mind import MIND, MINDConfig
+    from facetrec.report.explain import coupling_matrix, explain_interests
+
+    torch.manual_seed(0)
+    m = MIND(MINDConfig(n_items=30, dim=8, hidden=(8,)), {}, {}).eval()
+    hist = torch.tensor([[3, 5, 7, 9, 11, 0, 0], [4, 6, 0, 0, 0, 0, 0]])
+    r = m.route(hist, hist > 0, torch.tensor([16, 2]))  # K'_u = 4 and 1
+    w, pos, ks = coupling_matrix(r, 0)
+    assert pos.tolist() == [0, 1, 2, 3, 4] and ks.tolist() == [0, 1, 2, 3]
+    np.testing.assert_allclose(w.sum(1), 1.0, rtol=1e-5)  # each behaviour splits its vote over the valid interests
+    ex = explain_interests(r, 0, top=2)
+    assert [e.index for e in ex] == [0, 1, 2, 3]
+    for e in ex:
+        col = r.weights[0, :, e.index]
+        assert e.positions == torch.argsort(-col, stable=True)[:2].tolist()
+        assert e.strength == pytest.approx(float(r.lengths[0, e.index]))
+    rep = torch.tensor([[3, 5, 3, 5, 3, 0, 0]])  # two distinct items, repeated
+    r2 = m.route(rep, rep > 0, torch.tensor([16]))
+    for e in explain_interests(r2, 0, top=3, hist=rep[0].numpy()):
+        items = rep[0, e.positions].tolist()
+        assert sorted(items) == [3, 5]  # each item once, however often it was seen
+        col = r2.weights[0, :, e.index]
+        assert e.weights[0] == pytest.approx(float(col.max()), abs=1e-4)  # strongest occurrence first
+    w1, pos1, ks1 = coupling_matrix(r, 1)
+    assert pos1.tolist() == [0, 1] and ks1.tolist() == [0] and np.allclose(w1, 1.0)
