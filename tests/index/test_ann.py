@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from facetrec.errors import ConfigError
-from facetrec.index.ann import (ANNIndex, ExactIndex, HNSWIndex, IVFIndex, IVFPQIndex, ann_recall, build_index,
-                                load_index, memory_estimate_bytes, multi_interest_search)
+from facetrec.index.ann import (ANNIndex, ExactIndex, HNSWIndex, IVFIndex, IVFPQIndex, ShardedIndex, ann_recall,
+                                build_index, load_index, memory_estimate_bytes, multi_interest_search)
 
 faiss = pytest.importorskip("faiss")
 
@@ -246,6 +246,86 @@ def test_ivfpq_recall_is_capped_by_its_lossy_codes(big):
     pq = IVFPQIndex(nlist=16, m=16, nbits=6, nprobe=16)  # every list: only the codes lose recall
     pq.build(x, ids)
     assert 0.5 < ann_recall(pq.search(q, 100)[1], exact) < 1.0
+
+
+# --------------------------------------------------------------------------- shards
+
+
+@pytest.mark.parametrize("backend", ["faiss", "numpy"])
+def test_exact_shards_merge_to_the_exact_top_k(backend, monkeypatch):
+    """The merge of the shards' top-k lists is the top-k over all items (also through the multi-interest search)."""
+    import facetrec.index.ann as ann
+
+    if backend == "numpy":
+        monkeypatch.setattr(ann, "faiss", None)
+    x = clustered(3000, d=16, c=10)
+    ids = np.arange(1, 3001) * 2
+    q = clustered(40, d=16, c=10, seed=5)
+    whole = build_index(x, ids)
+    sharded = build_index(x, ids, shards=3)
+    assert isinstance(sharded, ShardedIndex) and isinstance(sharded, ANNIndex)
+    assert [sh.ntotal for sh in sharded.shards] == [1000] * 3 and sharded.ntotal == 3000
+    (s1, i1), (s2, i2) = whole.search(q, 50), sharded.search(q, 50)
+    assert (i1 == i2).all() and np.allclose(s1, s2, atol=1e-5)
+    s, i = sharded.search(q[:2], 3005)  # more than indexed: -1 / -inf at the end, nothing repeated
+    assert (i[:, 3000:] == -1).all() and np.isneginf(s[:, 3000:]).all() and len(set(i[0, :3000])) == 3000
+    V, valid = q[:20].reshape(10, 2, 16), np.ones((10, 2), dtype=bool)
+    a = multi_interest_search(whole, V, valid, top_m=30, n=40)
+    b = multi_interest_search(sharded, V, valid, top_m=30, n=40)
+    assert all((u == v).all() for u, v in zip(a, b))
+
+
+def test_sharded_ivfpq_and_hnsw_recall_against_exact(big):
+    """Config-style params (as in train.index_params) with shards: each shard derives nlist from its size."""
+    x, ids, q, exact = big
+    hnsw = build_index(x, ids, kind="hnsw", M=16, efConstruction=80, efSearch=128, shards=2)
+    assert ann_recall(hnsw.search(q, 100)[1], exact) >= 0.9
+    x5, ids5 = x[:8000], ids[:8000]
+    exact5 = build_index(x5, ids5).search(q, 100)[1]
+    pq = build_index(x5, ids5, kind="ivfpq", m=16, nbits=6, nprobe=8, shards=2)
+    assert [sh.params["nlist"] for sh in pq.shards] == [IVFPQIndex.resolve_params(4000, 32, {})["nlist"]] * 2
+    assert 0.5 < ann_recall(pq.search(q, 100)[1], exact5) < 1.0
+
+
+@pytest.mark.parametrize("kind,params", [("exact", {}), ("hnsw", {"M": 8, "efSearch": 77}),
+                                         ("ivfpq", {"nlist": 8, "m": 4, "nbits": 6, "nprobe": 3})])
+def test_sharded_save_load_round_trip(tmp_path, kind, params):
+    x = clustered(2000, d=16, c=10)
+    index = build_index(x, np.arange(1, 2001), kind=kind, shards=3, **params)
+    path = tmp_path / "index.faiss"
+    index.save(path)
+    back = load_index(path)
+    assert isinstance(back, ShardedIndex) and back.kind == kind and back.params == index.params
+    assert [sh.params for sh in back.shards] == [sh.params for sh in index.shards]  # efSearch / nprobe survive
+    q = clustered(30, d=16, c=10, seed=3)
+    (s1, i1), (s2, i2) = index.search(q, 20), back.search(q, 20)
+    assert (i1 == i2).all() and (s1 == s2).all()
+    assert [p.name for p in tmp_path.iterdir()] == ["index.faiss"]
+
+
+def test_sharded_memory_estimate_is_printed_before_building(capsys, monkeypatch):
+    import facetrec.index.ann as ann
+
+    params = {"m": 16, "nbits": 8, "shards": 4}
+    total = memory_estimate_bytes(1_000_000, 64, "ivfpq", params)
+    assert total == 4 * memory_estimate_bytes(250_000, 64, "ivfpq", {"m": 16, "nbits": 8})
+    assert memory_estimate_bytes(1_000_000, 64, "exact", {"shards": 4}) == memory_estimate_bytes(1_000_000, 64, "exact")
+    monkeypatch.setattr(ann, "LARGE_INDEX_BYTES", 0)  # print for any size
+    x = clustered(400, d=8, c=5)
+    build_index(x, np.arange(1, 401), kind="hnsw", M=8, shards=2)
+    err = capsys.readouterr().err
+    want = memory_estimate_bytes(400, 8, "hnsw", {"M": 8, "shards": 2}) / 2**20
+    assert f"building 2 hnsw shards over 400 x 8 vectors, about {want:,.0f} MiB" in err
+
+
+def test_bad_shard_counts_say_what_to_do():
+    x = clustered(10, d=8, c=2)
+    with pytest.raises(ConfigError, match="shards=20 exceeds the 10 items"):
+        build_index(x, np.arange(1, 11), shards=20)
+    with pytest.raises(ConfigError, match="shards must be a positive integer"):
+        build_index(x, np.arange(1, 11), kind="hnsw", shards=0)
+    with pytest.raises(ConfigError, match="unknown hnsw index parameter"):
+        ShardedIndex("hnsw", 2, nlist=4)
 
 
 def test_ann_recall_hand_case():

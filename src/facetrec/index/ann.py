@@ -15,6 +15,12 @@ Kinds and their parameters (names as in faiss):
 | ivf     | IVFIndex     | IndexIVFFlat, inner product  | nlist, nprobe                      |
 | ivfpq   | IVFPQIndex   | IndexIVFPQ, inner product    | nlist, m, nbits, nprobe            |
 
+Any kind also takes `shards=S` (S > 1): a `ShardedIndex` of S sub-indexes of that kind over
+disjoint slices of the catalogue, built one after the other and searched one after the other,
+their top-k lists merged (for catalogues whose one index does not fit; each sub-index's
+parameters default from its own size). In a config: `train.index: ivfpq`,
+`train.index_params: {nlist: 4096, m: 16, nprobe: 64, shards: 4}`.
+
 Item ids are the internal ids 1..n-1; 0 is padding and is never indexed (`build` refuses it).
 faiss cannot take a max over several query vectors, so the merge in `multi_interest_search` is
 ours: one batched search for every valid interest, then a numpy merge per user.
@@ -26,7 +32,10 @@ candidates (`top_m`), `n` results per user.
 from __future__ import annotations
 
 import difflib
+import io
+import json
 import math
+import struct
 import sys
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -48,6 +57,7 @@ __all__ = [
     "IVFIndex",
     "IVFPQIndex",
     "KINDS",
+    "ShardedIndex",
     "ann_recall",
     "build_index",
     "load_index",
@@ -58,6 +68,7 @@ __all__ = [
 KINDS = ("exact", "hnsw", "ivf", "ivfpq")
 LARGE_INDEX_BYTES = 256 << 20  # `build` prints its memory estimate above this
 _NPZ_MAGIC = b"PK\x03\x04"  # the numpy fallback saves an .npz (a zip) under the same file name
+_SHARDS_MAGIC = b"FTSHARDS"  # a ShardedIndex file: magic, JSON header line, then (length, sub-index file) per shard
 _MIN_POINTS_PER_CENTROID = 39  # below this faiss k-means warns and centroids are poor
 
 
@@ -98,13 +109,14 @@ def memory_estimate_bytes(n: int, d: int, kind: str, params: dict[str, Any] | No
 
     Counts the stored vectors or PQ codes, the id map (8 bytes per item), HNSW graph links
     (level 0 has 2·M neighbours of 4 bytes; upper levels add about 1/M of that), IVF centroids and
-    list ids, and PQ codebooks. Good to ~10%; use it to pick a kind before building.
+    list ids, and PQ codebooks. Good to ~10%; use it to pick a kind before building. With
+    `shards` in params: the sum over the shards (each with its own default parameters).
 
     Args:
         n: number of items.
         d: vector dimension.
         kind: one of `KINDS`.
-        params: the kind's parameters (defaults filled in).
+        params: the kind's parameters (defaults filled in), optionally `shards`.
 
     Example:
         >>> memory_estimate_bytes(1_000_000, 64, "exact") // 2**20
@@ -113,7 +125,11 @@ def memory_estimate_bytes(n: int, d: int, kind: str, params: dict[str, Any] | No
     cls = _CLASSES.get(kind)
     if cls is None:
         raise ConfigError(f"index kind {kind!r} must be one of {', '.join(KINDS)}")
-    p = cls.resolve_params(n, d, dict(params or {}))
+    params = dict(params or {})
+    shards = _positive_int(kind, "shards", params.pop("shards", 1))
+    if shards > 1:
+        return sum(memory_estimate_bytes(len(range(s, n, shards)), d, kind, params) for s in range(shards))
+    p = cls.resolve_params(n, d, params)
     ids = 8 * n
     if kind == "exact":
         return 4 * n * d + ids
@@ -527,6 +543,143 @@ class IVFPQIndex(IVFIndex):
 _CLASSES: dict[str, type[_FaissIndex]] = {"exact": ExactIndex, "hnsw": HNSWIndex, "ivf": IVFIndex, "ivfpq": IVFPQIndex}
 
 
+class ShardedIndex:
+    """S sub-indexes of one kind over disjoint slices of the catalogue; a search asks each for its
+    top-k and merges the S lists by score.
+
+    For catalogues whose one index does not fit: the shards are built one after the other, so
+    build temporaries (k-means training sets, HNSW construction) are those of one shard, and
+    each shard could be served by its own process. The merge loses nothing: the top-k of the
+    union of the shards' top-k lists is the top-k over all items (exact shards give exact
+    results; approximate shards give what their own recall gives). Item i of the build goes to
+    shard i mod S. One file on disk (`save` / `load_index`).
+
+    Args:
+        kind: the sub-indexes' kind, one of `KINDS`.
+        shards: S >= 1.
+        **params: the kind's parameters, applied to every shard; derived ones (nlist, m, nprobe)
+            default from each shard's own size.
+
+    Example:
+        >>> x = np.eye(4, dtype=np.float32)
+        >>> idx = ShardedIndex("exact", 2); idx.build(x, np.arange(1, 5))
+        >>> idx.search(x[2:3] + x[1:2] * 0.5, 2)[1].tolist()  # item 3 from shard 0, item 2 from shard 1
+        [[3, 2]]
+    """
+
+    def __init__(self, kind: str = "exact", shards: int = 2, **params: Any) -> None:
+        cls = _CLASSES.get(kind)
+        if cls is None:
+            raise ConfigError(f"index kind {kind!r} must be one of {', '.join(KINDS)}")
+        cls.check_param_names(params)
+        self.kind = kind
+        self.n_shards = _positive_int(kind, "shards", shards)
+        self._requested = dict(params)
+        self._shards: list[ANNIndex] = []
+
+    def __repr__(self) -> str:
+        return f"ShardedIndex({self.kind!r}, shards={self.n_shards}, ntotal={self.ntotal}, dim={self.dim})"
+
+    @property
+    def shards(self) -> list[ANNIndex]:
+        return list(self._shards)
+
+    @property
+    def ntotal(self) -> int:
+        return sum(sh.ntotal for sh in self._shards)
+
+    @property
+    def dim(self) -> int:
+        return self._shards[0].dim if self._shards else 0
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The parameters as given (derived ones None) and `shards`: what `build_index` rebuilds it from."""
+        return {**self._requested, "shards": self.n_shards}
+
+    def build(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Index `vectors` (N, D) under `ids` (N,), row i in shard i mod S; replaces any previous content."""
+        x, i = _check_build_inputs(vectors, ids)
+        n, d = x.shape
+        S = self.n_shards
+        if n < S:
+            raise ConfigError(f"shards={S} exceeds the {n} items to index; use fewer shards")
+        est = memory_estimate_bytes(n, d, self.kind, self.params)
+        if est >= LARGE_INDEX_BYTES:
+            print(f"facetrec: building {S} {self.kind} shards over {n:,} x {d} vectors, about {est / 2**20:,.0f} MiB "
+                  f"in all ({self._requested})", file=sys.stderr, flush=True)
+        self._shards = []
+        for s in range(S):
+            sub = _CLASSES[self.kind](**self._requested)
+            sub.build(x[s::S], i[s::S])  # a copy of 1/S of the vectors at a time
+            self._shards.append(sub)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product over all shards: scores (Q, k) descending, ids (Q, k); -1 / -inf where fewer found."""
+        if not self._shards:
+            raise RuntimeError("this sharded index is empty; call build(vectors, ids) or load_index(path) first")
+        q = _check_queries(queries, self.dim, k)
+        k = int(k)
+        found = [sh.search(q, k) for sh in self._shards]  # S x ((Q, k), (Q, k))
+        scores = np.concatenate([f[0] for f in found], axis=1)  # (Q, S·k)
+        ids = np.concatenate([f[1] for f in found], axis=1)  # (Q, S·k)
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (Q, k); missing (-inf) last
+        return np.take_along_axis(scores, best, axis=1), np.take_along_axis(ids, best, axis=1)
+
+    def save(self, path: str | Path) -> None:
+        """One file, atomically: magic, a JSON header line, then per shard its length and its own index file."""
+        if not self._shards:
+            raise RuntimeError("this sharded index is empty; call build(vectors, ids) first")
+
+        def write(f) -> None:
+            f.write(_SHARDS_MAGIC)
+            f.write(json.dumps({"kind": self.kind, "shards": self.n_shards, "params": self._requested}).encode() + b"\n")
+            for sh in self._shards:
+                at = f.tell()
+                f.write(struct.pack("<Q", 0))
+                if isinstance(sh, ExactIndex) and sh.backend == "numpy":
+                    np.savez(f, vectors=sh._vectors, ids=sh._ids)
+                else:
+                    faiss.write_index(sh._index, faiss.PyCallbackIOWriter(f.write))
+                end = f.tell()
+                f.seek(at)
+                f.write(struct.pack("<Q", end - at - 8))
+                f.seek(end)
+
+        atomic_write(path, write)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ShardedIndex:
+        """Read a file written by `save` (`load_index` does this for any kind)."""
+        with open(path, "rb") as f:
+            if f.read(len(_SHARDS_MAGIC)) != _SHARDS_MAGIC:
+                raise ValueError(f"{path} is not a sharded facetrec index")
+            head = json.loads(f.readline())
+            obj = cls(head["kind"], head["shards"], **head["params"])
+            for _ in range(obj.n_shards):
+                (length,) = struct.unpack("<Q", f.read(8))
+                start = f.tell()
+                if f.read(4) == _NPZ_MAGIC:
+                    f.seek(start)
+                    with np.load(io.BytesIO(f.read(length)), allow_pickle=False) as z:
+                        sub = ExactIndex(backend="numpy")
+                        sub.build(z["vectors"], z["ids"])
+                else:
+                    _need_faiss(f"reading the index {path}")
+                    f.seek(start)
+                    left = [length]
+
+                    def read(n: int) -> bytes:  # never past this shard
+                        b = f.read(min(n, left[0]))
+                        left[0] -= len(b)
+                        return b
+
+                    sub = _from_faiss(faiss.read_index(faiss.PyCallbackIOReader(read)), path)
+                f.seek(start + length)
+                obj._shards.append(sub)
+        return obj
+
+
 # --------------------------------------------------------------------------- factory / load
 
 
@@ -540,7 +693,8 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, kind: str = "exact", **par
         vectors: (N, D) float32 item vectors (row i is item ids[i]).
         ids: (N,) int64 item ids, all >= 1 (0 is padding and is refused).
         kind: "exact" | "hnsw" | "ivf" | "ivfpq".
-        **params: see the table in the module docstring (e.g. efSearch=256 for hnsw).
+        **params: see the table in the module docstring (e.g. efSearch=256 for hnsw), and
+            `shards` (> 1: a ShardedIndex of that many sub-indexes of `kind`).
 
     Example:
         >>> v = np.eye(3, dtype=np.float32)
@@ -550,8 +704,10 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, kind: str = "exact", **par
     cls = _CLASSES.get(kind)
     if cls is None:
         raise ConfigError(f"index kind {kind!r} must be one of {', '.join(KINDS)}")
+    params = dict(params)
+    shards = _positive_int(kind, "shards", params.pop("shards", 1))
     cls.check_param_names(params)
-    index = cls(**params)
+    index: ANNIndex = ShardedIndex(kind, shards, **params) if shards > 1 else cls(**params)
     index.build(vectors, ids)
     return index
 
@@ -576,8 +732,14 @@ def load_index(path: str | Path) -> ANNIndex:
             obj = ExactIndex(backend="numpy")
             obj.build(z["vectors"], z["ids"])
         return obj
+    if head == _SHARDS_MAGIC[:4]:
+        return ShardedIndex.load(path)
     _need_faiss(f"reading the index {path}")
-    index = faiss.read_index(str(path))
+    return _from_faiss(faiss.read_index(str(path)), path)
+
+
+def _from_faiss(index: Any, path: str | Path) -> ANNIndex:
+    """The facetrec index around a faiss index read from `path` (an id map over a known kind)."""
     if not isinstance(index, faiss.IndexIDMap):
         raise ValueError(f"{path} is a faiss index but not one written by facetrec (no id map); rebuild it with build_index")
     inner = faiss.downcast_index(index.index)
