@@ -1,11 +1,15 @@
 """Load test of the HTTP service on loopback: fixed request rate, 90% recommend / 10% events, Zipf users.
 
-    .venv/bin/python benchmarks/serve_load.py --artifact artifacts/amazon-beauty --rate 50 --seconds 60 --workers 2
+    .venv/bin/python benchmarks/serve_load.py --artifact runs/serve-bench/artifact --rate 50 --seconds 60 --workers 2
 
-Starts `facetrec serve` (uvicorn, N worker processes, a fresh SQLite store) on a free loopback
-port, waits for /readyz, then sends an open-loop stream of requests (each at its scheduled
-time, whether or not earlier ones have answered — so queueing shows in the latency) from an
-asyncio client. Reports p50 / p90 / p99 / max latency per endpoint, errors, achieved rate, and
+Starts `facetrec serve` (uvicorn, N worker processes) on a free loopback port with a fresh
+SQLite store, preloaded (in-process, before the server starts) with every user's history from
+the prepared data the artifact was trained on, so that recommend requests take the personal
+recall -> rank path, not the cold-start one. Then sends an open-loop stream of requests (each at
+its scheduled time, whether or not earlier ones have answered — so queueing shows in the
+latency) from an asyncio client: 90% POST /recommend {"user_id", "n"} and 10% POST /events of
+one new event, users drawn from a Zipf law. Reports p50 / p90 / p99 / max latency per endpoint,
+errors, the share of personal answers, the achieved rate and the machine's load average, and
 stops the server. Loopback only; bounded in count and time.
 """
 
@@ -32,12 +36,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(artifact: Path, port: int, workers: int, store: str) -> subprocess.Popen:
+def start_server(artifact: Path, port: int, workers: int, store: str, log: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "facetrec", "serve", str(artifact), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", str(workers), "--store", store],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    return proc
+    with open(log, "ab") as f:
+        return subprocess.Popen([sys.executable, "-m", "facetrec", "serve", str(artifact), "--host", "127.0.0.1",
+                                 "--port", str(port), "--workers", str(workers), "--store", store],
+                                env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 async def wait_ready(client, base: str, timeout: float = 120) -> None:
@@ -53,6 +57,31 @@ async def wait_ready(client, base: str, timeout: float = 120) -> None:
     raise RuntimeError("server did not become ready")
 
 
+def preload(version: Path, store_url: str) -> tuple[list, int]:
+    """Write every user's prepared history into the store; returns (raw user ids, events written)."""
+    import polars as pl
+
+    from facetrec.data.prepare import ensure_prepared
+    from facetrec.serving.artifacts import load_manifest
+    from facetrec.serving.store import Event, open_store
+    from facetrec.train.run import load_run_config
+
+    run = Path(load_manifest(version, verify=False)["parts"]["retrieval"]["run"])
+    prep = ensure_prepared(load_run_config(run), verbose=False)
+    ev = pl.read_parquet(prep / "events.parquet")
+    users = pl.read_parquet(prep / "users.parquet").sort("id")
+    items = pl.read_parquet(prep / "items.parquet").sort("id")
+    raw_user = np.array([None] + [str(x) for x in users["raw_id"].to_list()], dtype=object)
+    raw_item = np.array([None] + [str(x) for x in items["raw_id"].to_list()], dtype=object)
+    u, it, t = ev["user"].to_numpy(), ev["item"].to_numpy(), ev["time"].to_numpy()
+    store = open_store(store_url)
+    step = 20_000
+    for lo in range(0, len(u), step):
+        store.append([Event(f"pre-{k}", raw_user[u[k]], raw_item[it[k]], int(t[k])) for k in range(lo, min(lo + step, len(u)))])
+    store.close()
+    return [x for x in raw_user[1:]], len(u)
+
+
 async def run_load(base: str, users: list[str], items: list, rate: float, seconds: float, zipf: float, seed: int,
                    n: int) -> dict:
     import httpx
@@ -64,8 +93,10 @@ async def run_load(base: str, users: list[str], items: list, rate: float, second
     p /= p.sum()
     who = rng.choice(len(users), size=total, p=p)
     kinds = rng.random(total) < 0.9
+    pick = [items[k] for k in rng.integers(len(items), size=total)]
     lat: dict[str, list[float]] = {"recommend": [], "events": []}
     errors: dict[str, int] = {}
+    paths: dict[str, int] = {}
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     async with httpx.AsyncClient(timeout=30, limits=limits) as client:
         await wait_ready(client, base)
@@ -79,24 +110,31 @@ async def run_load(base: str, users: list[str], items: list, rate: float, second
                 await asyncio.sleep(delay)
             user = users[who[i]]
             t = time.perf_counter()
-            if kinds[i]:
-                kind = "recommend"
-                r = await client.post(f"{base}/recommend", json={"user_id": user, "n": n})
-            else:
-                kind = "events"
-                item = items[int(rng.integers(len(items)))]
-                body = {"events": [{"event_id": f"load-{seed}-{i}", "user_id": user, "item_id": item,
-                                    "timestamp": int(time.time())}]}
-                r = await client.post(f"{base}/events", json=body)
+            kind = "recommend" if kinds[i] else "events"
+            try:
+                if kinds[i]:
+                    r = await client.post(f"{base}/recommend", json={"user_id": user, "n": n})
+                else:
+                    body = {"events": [{"event_id": f"load-{seed}-{i}", "user_id": user, "item_id": pick[i],
+                                        "timestamp": int(time.time())}]}
+                    r = await client.post(f"{base}/events", json=body)
+            except Exception as e:  # a connection error counts as an error, with its latency
+                lat[kind].append((time.perf_counter() - t) * 1000)
+                errors[f"{kind} {type(e).__name__}"] = errors.get(f"{kind} {type(e).__name__}", 0) + 1
+                return
             lat[kind].append((time.perf_counter() - t) * 1000)
             if r.status_code >= 400:
                 errors[f"{kind} {r.status_code}"] = errors.get(f"{kind} {r.status_code}", 0) + 1
+            elif kind == "recommend":
+                path = r.json()["path"]
+                paths[path] = paths.get(path, 0) + 1
 
         start = time.perf_counter() + 0.5
         t0 = time.perf_counter()
         await asyncio.gather(*(one(i, start + i / rate) for i in range(total)))
         wall = time.perf_counter() - t0
-    out = {"requests": total, "wall_s": round(wall, 2), "achieved_rate": round(total / wall, 1), "errors": errors}
+    out = {"requests": total, "wall_s": round(wall, 2), "achieved_rate": round(total / wall, 1), "errors": errors,
+           "recommend_paths": paths}
     for kind, xs in lat.items():
         if xs:
             a = np.array(xs)
@@ -118,6 +156,7 @@ def main() -> None:
     ap.add_argument("--zipf", type=float, default=1.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--no-preload", action="store_true", help="start with an empty store (every user cold)")
     args = ap.parse_args()
     if args.rate * args.seconds > 100_000:
         raise SystemExit("refusing more than 100k requests in one run")
@@ -126,18 +165,25 @@ def main() -> None:
     import polars as pl
 
     version = resolve_version(args.artifact)
-    users = pl.read_parquet(version / "users.parquet")["raw_id"].to_list() if (version / "users.parquet").exists() else []
+    manifest = json.loads((version / "manifest.json").read_text())
     items = pl.read_parquet(version / "items.parquet")["raw_id"].to_list()
+    workdir = Path(tempfile.mkdtemp(prefix="facetrec-load-"))
+    store = f"sqlite:///{workdir / 'state.db'}"
+    t0 = time.time()
+    if args.no_preload:
+        users, preloaded = [str(u) for u in pl.read_parquet(version / "users.parquet")["raw_id"].to_list()], 0
+    else:
+        users, preloaded = preload(version, store)
+    print(f"store {store}: {preloaded:,} events of {len(users):,} users preloaded in {time.time() - t0:.1f} s", flush=True)
+    users = list(np.random.default_rng(args.seed + 1).permutation(np.array(users, dtype=object)))  # Zipf rank -> user
     fm = json.loads((version / "feature_map.json").read_text())
     if fm.get("raw_id_type") == "int":
         items = [int(i) for i in items]
         users = [int(u) for u in users]
-    users = users or [str(i) for i in range(1, 10_001)]
 
     port = free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="facetrec-load-"))
-    store = f"sqlite:///{workdir / 'state.db'}"
-    proc = start_server(version, port, args.workers, store)
+    proc = start_server(version, port, args.workers, store, workdir / "server.log")
+    load_before = os.getloadavg()
     try:
         res = asyncio.run(run_load(f"http://127.0.0.1:{port}", users, items, args.rate, args.seconds, args.zipf,
                                    args.seed, args.n))
@@ -147,7 +193,12 @@ def main() -> None:
             proc.wait(20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-    res.update({"rate": args.rate, "seconds": args.seconds, "workers": args.workers, "artifact": str(version)})
+    res.update({"rate": args.rate, "seconds": args.seconds, "workers": args.workers, "n": args.n, "artifact": str(version),
+                "index": manifest.get("index", {}), "top_m": manifest["parts"]["retrieval"].get("top_m"),
+                "candidates": manifest["parts"].get("ranking", {}).get("candidates"),
+                "ranking": manifest["parts"].get("ranking", {}).get("model"),
+                "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+                "cpus": os.cpu_count()})
     print(json.dumps(res, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

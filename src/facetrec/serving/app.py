@@ -375,6 +375,12 @@ def app_from_env() -> FastAPI:
     from facetrec.serving.store import open_store
 
     torch.set_num_threads(1)  # one thread per worker: two showed multi-second p99 stalls (SPEC §7)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(1)  # likewise for the index search: workers are the parallelism
+    except ImportError:  # pragma: no cover - exact numpy index without the `ann` extra
+        pass
     pipeline = Pipeline(os.environ["FACETREC_ARTIFACT"])
     store = open_store(os.environ.get("FACETREC_STORE", "sqlite:///runs/state.db"))
     return create_app(pipeline, store)

@@ -183,7 +183,7 @@ class Pipeline:
 
     # ------------------------------------------------------------ requests
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def interests(self, hist: np.ndarray, n_events: int | None = None) -> list[Interest]:
         """The user's valid interests (K'_u of them) with their strength and the behaviours routed to each."""
         if len(hist) == 0:
@@ -197,7 +197,7 @@ class Pipeline:
             out.append(Interest(int(j), float(r.lengths[0, j]), items, ws))
         return out
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def interest_vectors(self, hist: np.ndarray, n_events: int | None = None, user: Any = None
                          ) -> tuple[np.ndarray, np.ndarray]:
         """Interest vectors V (K, D) float32 and validity (K,) bool for a non-empty history: what queries the index."""
@@ -205,7 +205,7 @@ class Pipeline:
         V = self.retrieval.interests_from_capsules(r.capsules, r.valid, torch.tensor([self.user_id(user)]))  # (1, K, D)
         return V[0].float().numpy(), r.valid[0].numpy()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def recommend(self, hist: np.ndarray, n: int, exclude_seen: bool = True, n_events: int | None = None,
                   user: Any = None) -> list[Recommended]:
         """Top-n items for a history of internal ids, oldest first (empty -> cold-start popularity).
