@@ -157,12 +157,15 @@ def report(
         None, "--ann-results", help="JSON written by benchmarks/index_recall.py --out (repeatable); "
                                     "without it: a small sweep on the first MIND run's item vectors."),
     users: int = typer.Option(3, help="Sample users shown with coupling-coefficient heatmaps."),
+    diversity_users: int = typer.Option(500, help="Test users over which interest diversity is averaged (0 = all)."),
+    top_m: int = typer.Option(50, help="Items each interest retrieves for the category analysis."),
     seed: int = typer.Option(0, help="Seed for sampling users and the random splits."),
 ) -> None:
     """Write PNG figures and one self-contained HTML page (figures embedded) about trained runs."""
     from facetrec.report.build import ReportOptions, write_report
 
-    opts = ReportOptions(sample_users=users, seed=seed, ann_results=tuple(ann_results or ()))
+    opts = ReportOptions(sample_users=users, diversity_users=diversity_users, top_m=top_m, seed=seed,
+                         ann_results=tuple(ann_results or ()))
     try:
         path = write_report(run_dirs, out, opts)
     except FacetrecError as e:

@@ -285,3 +285,20 @@ def test_explanations_follow_the_routing_weights():
         assert e.weights[0] == pytest.approx(float(col.max()), abs=1e-4)  # strongest occurrence first
     w1, pos1, ks1 = coupling_matrix(r, 1)
     assert pos1.tolist() == [0, 1] and ks1.tolist() == [0] and np.allclose(w1, 1.0)
+
+
+def test_ann_sweep_rows():
+    """IVF visits a superset of lists as nprobe grows, so its recall cannot fall; all lists = exact."""
+    pytest.importorskip("faiss")
+    from facetrec.index.ann import default_nlist
+    from facetrec.report.analysis import ann_sweep
+
+    rng = np.random.default_rng(0)
+    items = rng.normal(size=(2000, 16)).astype(np.float32)
+    nlist = default_nlist(len(items))
+    rows = ann_sweep(items, rng.normal(size=(100, 16)).astype(np.float32), k=20, timed=20, rounds=1,
+                     ef=(8, 64), nprobe=(1, 4, nlist))
+    assert [r["index"] for r in rows] == ["exact", "hnsw", "hnsw", "ivf", "ivf", "ivf"]
+    ivf = [r["recall@20"] for r in rows if r["index"] == "ivf"]
+    assert ivf == sorted(ivf) and ivf[-1] == 1.0 and ivf[0] < 1.0
+    assert all(r["p50_ms"] > 0 for r in rows) and rows[0]["recall@20"] == 1.0

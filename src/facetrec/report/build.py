@@ -55,12 +55,12 @@ class Section:
     notes: list[str] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReportOptions:
     """What the report samples and how much it computes."""
 
     sample_users: int = 3  # users shown with heatmaps
-    diversity_users: int = 500  # users over which the interests' category diversity is averaged
+    diversity_users: int = 500  # users over which the interests' category diversity is averaged (0 = all)
     top_m: int = 50  # items retrieved per interest for the category analysis
     seed: int = 0  # which users are sampled, the random splits
     ann_results: tuple[Path, ...] = ()  # benchmark JSON files (benchmarks/index_recall.py --out)
@@ -244,7 +244,8 @@ class Report:
         rng = np.random.default_rng(self.opts.seed)
 
         # diversity over many users
-        pick = np.sort(rng.choice(multi, min(self.opts.diversity_users, len(multi)), replace=False))
+        n_div = len(multi) if self.opts.diversity_users <= 0 else min(self.opts.diversity_users, len(multi))
+        pick = np.sort(rng.choice(multi, n_div, replace=False))
         b, routing, retrieved = self._retrieve_per_interest(lm, es.users[pick], es.ends[pick], index)
         div = interest_diversity(es.users[pick], retrieved, cate, n_cate, self.opts.top_m, seed=self.opts.seed)
         # the same measure one step earlier: the history behaviours each interest's routing holds most strongly
