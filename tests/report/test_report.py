@@ -302,3 +302,29 @@ def test_ann_sweep_rows():
     ivf = [r["recall@20"] for r in rows if r["index"] == "ivf"]
     assert ivf == sorted(ivf) and ivf[-1] == 1.0 and ivf[0] < 1.0
     assert all(r["p50_ms"] > 0 for r in rows) and rows[0]["recall@20"] == 1.0
+
+
+def test_buckets_compare_with_and_without_uie(runs, tmp_path):
+    """A PLE + UIE run (multi-task metrics.json: {task: {...}} per bucket) is drawn beside DIEN, marked "with UIE"."""
+    import yaml
+
+    from facetrec.report.build import Report, ReportOptions
+
+    uie = tmp_path / "ple-uie-s0"
+    uie.mkdir()
+    cfg = yaml.safe_load((runs["dien-s0"] / "config.yaml").read_text())
+    cfg["model"] = {"name": "ple-uie", "uie": {"clusters": 8}}
+    (uie / "config.yaml").write_text(yaml.safe_dump(cfg))
+    buckets = {"<=5": {"click": {"auc": 0.71, "samples": 10}}, "6-20": {"click": {"auc": 0.74, "samples": 20}}}
+    (uie / "metrics.json").write_text(json.dumps({"model": "ple-uie", "tasks": ["click"], "buckets": buckets,
+                                                 "test": {"click": {"auc": 0.73, "gauc": 0.7, "logloss": 0.5}}}))
+    rep = Report([runs["dien-s0"], uie], tmp_path / "out", ReportOptions())
+    section = rep.buckets()
+    table = rep.numbers["buckets"]
+    assert set(table) == {"dien (without UIE)", "ple-uie (with UIE)"}
+    assert table["ple-uie (with UIE)"]["<=5"]["mean"] == 0.71
+    assert not any("no UIE run" in n for n in section.notes)
+    assert _pixels(section.figures[0][0]).std() > 0.05
+    rep.metrics()
+    rows = {r["model"]: r for r in rep.numbers["metrics"]["ranking"]}
+    assert rows["ple-uie"]["auc"]["mean"] == 0.73  # the primary (click) task of a multi-task run
