@@ -4,7 +4,8 @@
       -> merge by max over interests (seen items excluded) -> DIEN scores the candidates -> top-N
 
 Each result carries the interest that retrieved it and the behaviours routed most strongly to
-that interest (the last-iteration B2I routing weights, `MIND.route(...).weights`). Users with
+that interest (the last-iteration B2I routing weights, `MIND.route(...).weights`, ranked by
+`report.explain.explain_interests`: the same code as the report's heatmaps). Users with
 no history take the cold-start path: the most popular items of the training log.
 
 Interests are computed exactly as training and evaluation compute them
@@ -167,19 +168,26 @@ class Pipeline:
         n = max(int(n_events) if n_events is not None else len(hist), h.shape[1])
         return h, m, self.retrieval.route(h, m, torch.tensor([n]))  # eval mode: salt 0
 
-    def _because(self, weights: np.ndarray, window: np.ndarray, j: int) -> tuple[list[Any], list[float]]:
-        """The distinct behaviours with the largest routing weight to interest j, strongest first."""
-        order = np.argsort(-weights[:, j], kind="stable")
-        items, ws = [], []
-        for i in order:
-            raw = self.raw_items[int(window[i])]
-            if raw in items:
-                continue
-            items.append(raw)
-            ws.append(round(float(weights[i, j]), 4))
-            if len(items) >= self.explain_top:
-                break
-        return items, ws
+    def _explain(self, r, window: np.ndarray) -> dict[int, Interest]:
+        """Each valid interest with the distinct behaviours routed most strongly to it, strongest first.
+
+        The ranking of behaviours is `report.explain.explain_interests`, the code behind the
+        report's routing heatmaps; a behaviour repeated in the history is listed once.
+        """
+        from facetrec.report.explain import explain_interests
+
+        out = {}
+        for e in explain_interests(r, top=len(window)):
+            items, ws = [], []
+            for pos, w in zip(e.positions, e.weights):
+                raw = self.raw_items[int(window[pos])]
+                if raw not in items:
+                    items.append(raw)
+                    ws.append(w)
+                if len(items) >= self.explain_top:
+                    break
+            out[e.index] = Interest(e.index, e.strength, items, ws)
+        return out
 
     # ------------------------------------------------------------ requests
 
@@ -189,13 +197,7 @@ class Pipeline:
         if len(hist) == 0:
             return []
         h, _, r = self._route(hist, n_events)
-        w = r.weights[0].numpy()  # (L, K)
-        window = h[0].numpy()
-        out = []
-        for j in np.nonzero(r.valid[0].numpy())[0]:
-            items, ws = self._because(w, window, int(j))
-            out.append(Interest(int(j), float(r.lengths[0, j]), items, ws))
-        return out
+        return list(self._explain(r, h[0].numpy()).values())
 
     @torch.inference_mode()
     def interest_vectors(self, hist: np.ndarray, n_events: int | None = None, user: Any = None
@@ -238,13 +240,9 @@ class Pipeline:
             logits = self.ranking.score_candidates(h[0], m[0], torch.from_numpy(ids), user=uid)  # (N,)
             final = torch.sigmoid(logits.float()).numpy().astype(np.float64)
         order = np.argsort(-final, kind="stable")[:n]
-        w = r.weights[0].numpy()  # (L, K)
-        window = h[0].numpy()
-        out = []
-        for i in order:
-            j = int(which[i])
-            because, _ = self._because(w, window, j)
-            out.append(Recommended(self.raw_items[int(ids[i])], float(final[i]), float(scores[i]), j, because))
+        why = self._explain(r, h[0].numpy())
+        out = [Recommended(self.raw_items[int(ids[i])], float(final[i]), float(scores[i]), int(which[i]),
+                           why[int(which[i])].behaviours) for i in order]
         return self._fill(out, n, np.concatenate([seen, ids]))
 
     def _fill(self, out: list[Recommended], n: int, skip: np.ndarray) -> list[Recommended]:
