@@ -110,6 +110,8 @@ wait "$SERVER" 2>/dev/null || true
 trap - EXIT
 
 # ===================================================================================
-# ISSUE 8 — `facetrec report` goes here (another engineer adds it; not part of this step).
-# e.g. facetrec report "$OUT/mind" "$OUT/dien" --out "$OUT/report"
+# ISSUE 8 — the report: figures + one self-contained HTML page about the demo's runs
 # ===================================================================================
+echo "== report -> $OUT/report"
+facetrec report "$OUT/mind" "$OUT/dien" --out "$OUT/report"
+echo "open $(pwd)/$OUT/report/index.html"

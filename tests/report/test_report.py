@@ -121,9 +121,15 @@ def test_missing_inputs_become_notes(runs, tmp_path):
     training = tmp_path / "still-training"
     training.mkdir()
     shutil.copy(runs["mind-s0"] / "config.yaml", training / "config.yaml")  # no metrics.json, no best.pt yet
-    page = write_report([runs["popularity-s0"], training], tmp_path / "out", ReportOptions()).read_text()
-    summary = json.loads((tmp_path / "out" / "report.json").read_text())
+    out = tmp_path / "out"
+    out.mkdir()  # an earlier report's figure (another sample user) goes; files it did not write stay
+    (out / "report.json").write_text(json.dumps({"figures": ["interests_user999.png"]}))
+    (out / "interests_user999.png").write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    page = write_report([runs["popularity-s0"], training], out, ReportOptions()).read_text()
+    summary = json.loads((out / "report.json").read_text())
     assert summary["figures"] == ["metrics.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["index.html", "metrics.png", "notes.txt", "report.json"]
     assert set(summary["skipped"]) == {"curves", "interests", "kprime", "attention", "buckets", "ann"}
     assert "no metrics.json yet" in page
     assert page.count("class='note'") >= 6

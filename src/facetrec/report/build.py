@@ -75,6 +75,7 @@ class Report:
         self.runs = [load_run(p) for p in run_dirs]
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
+        _remove_previous_figures(self.out)
         self.opts = opts
         self.numbers: dict[str, Any] = {}  # -> report.json
         self._loaded: dict[Path, LoadedModel] = {}
@@ -539,6 +540,19 @@ class Report:
 def write_report(run_dirs: Sequence[str | Path], out: str | Path, opts: ReportOptions = ReportOptions()) -> Path:
     """Write out/index.html (+ PNGs and report.json) for the given run directories; returns the page's path."""
     return Report(run_dirs, out, opts).write()
+
+
+def _remove_previous_figures(out: Path) -> None:
+    """Delete the figures an earlier report listed in out/report.json (its sample users may differ),
+    so the folder holds exactly what the new page shows. Nothing else in `out` is touched."""
+    try:
+        names = json.loads((out / "report.json").read_text()).get("figures", [])
+    except (OSError, ValueError, AttributeError):
+        return
+    for name in names:
+        path = out / str(name)
+        if path.suffix == ".png" and path.parent == out and path.is_file():
+            path.unlink()
 
 
 def _finite(obj: Any) -> Any:
