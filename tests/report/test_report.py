@@ -334,3 +334,12 @@ def test_buckets_compare_with_and_without_uie(runs, tmp_path):
     rep.metrics()
     rows = {r["model"]: r for r in rep.numbers["metrics"]["ranking"]}
     assert rows["ple-uie"]["auc"]["mean"] == 0.73  # the primary (click) task of a multi-task run
+
+
+@pytest.mark.parametrize("module", ["analysis", "explain", "runs"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"facetrec.report.{module}"), extraglobs={"np": np})
+    assert result.attempted > 0 and result.failed == 0
