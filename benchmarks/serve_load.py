@@ -82,6 +82,42 @@ def preload(version: Path, store_url: str) -> tuple[list, int]:
     return [x for x in raw_user[1:]], len(u)
 
 
+def ann_recall_at(version: Path, users: int, k: int, seed: int) -> dict:
+    """Recall@k of the artifact's index against an exact index, on the serving path (multi-interest
+    search with the artifact's top_m, seen items excluded), for a sample of real user histories."""
+    import torch
+
+    from facetrec.data.dataset import Prepared
+    from facetrec.data.prepare import ensure_prepared
+    from facetrec.index.ann import ann_recall, build_index, multi_interest_search
+    from facetrec.serving.pipeline import Pipeline
+    from facetrec.train.retrieval import all_item_vectors
+    from facetrec.train.run import load_run_config
+
+    torch.set_num_threads(1)
+    p = Pipeline(version)
+    run = Path(p.manifest["parts"]["retrieval"]["run"])
+    prep = Prepared(ensure_prepared(load_run_config(run), verbose=False))
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(np.arange(1, prep.n_users), size=min(users, prep.n_users - 1), replace=False)
+    V, valid, hists = [], [], []
+    for u in sample:
+        hist = prep.items[prep.offsets[u - 1]:prep.offsets[u - 1] + prep.counts[u]]
+        v, ok = p.interest_vectors(hist)
+        V.append(v)
+        valid.append(ok)
+        hists.append(np.unique(hist))
+    V, valid = np.stack(V), np.stack(valid)
+    exclude = (np.concatenate([[0], np.cumsum([len(h) for h in hists])]), np.concatenate(hists))
+    t0 = time.perf_counter()
+    exact = build_index(all_item_vectors(p.retrieval, p.n_items), np.arange(1, p.n_items), kind="exact")
+    build_s = time.perf_counter() - t0
+    approx_ids, _, _ = multi_interest_search(p.index, V, valid, p.top_m, k, exclude)
+    exact_ids, _, _ = multi_interest_search(exact, V, valid, p.top_m, k, exclude)
+    return {"index": p.index.kind, "params": p.index.params, "k": k, "users": len(sample),
+            "recall": round(float(ann_recall(approx_ids, exact_ids)), 4), "exact_build_s": round(build_s, 1)}
+
+
 async def run_load(base: str, users: list[str], items: list, rate: float, seconds: float, zipf: float, seed: int,
                    n: int) -> dict:
     import httpx
@@ -157,6 +193,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--no-preload", action="store_true", help="start with an empty store (every user cold)")
+    ap.add_argument("--ann-recall-users", type=int, default=0,
+                    help="also measure the index's recall@100 against exact search for this many sampled users")
     args = ap.parse_args()
     if args.rate * args.seconds > 100_000:
         raise SystemExit("refusing more than 100k requests in one run")
@@ -193,6 +231,8 @@ def main() -> None:
             proc.wait(20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+    if args.ann_recall_users:
+        res["ann_recall"] = ann_recall_at(version, args.ann_recall_users, 100, args.seed)
     res.update({"rate": args.rate, "seconds": args.seconds, "workers": args.workers, "n": args.n, "artifact": str(version),
                 "index": manifest.get("index", {}), "top_m": manifest["parts"]["retrieval"].get("top_m"),
                 "candidates": manifest["parts"].get("ranking", {}).get("candidates"),
