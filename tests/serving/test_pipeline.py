@@ -153,3 +153,10 @@ def test_encode_names_unknown_items(tiny_pipeline):
 
 def test_artifact_root_and_version_dir_load_the_same(tiny):
     assert Pipeline(tiny.artifact).version == Pipeline(tiny.version).version == tiny.version.name
+
+
+def test_warm_up_leaves_answers_unchanged(tiny):
+    a, b = Pipeline(tiny.artifact), Pipeline(tiny.artifact)
+    hist = np.arange(1, 15)
+    b.warm_up()
+    assert [(r.item, r.score) for r in a.recommend(hist, 10)] == [(r.item, r.score) for r in b.recommend(hist, 10)]

@@ -382,5 +382,6 @@ def app_from_env() -> FastAPI:
     except ImportError:  # pragma: no cover - exact numpy index without the `ann` extra
         pass
     pipeline = Pipeline(os.environ["FACETREC_ARTIFACT"])
+    pipeline.warm_up()
     store = open_store(os.environ.get("FACETREC_STORE", "sqlite:///runs/state.db"))
     return create_app(pipeline, store)

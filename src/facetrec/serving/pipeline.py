@@ -245,6 +245,13 @@ class Pipeline:
                            why[int(which[i])].behaviours) for i in order]
         return self._fill(out, n, np.concatenate([seen, ids]))
 
+    def warm_up(self) -> None:
+        """Run every history length once, so that first requests do not pay for TorchScript's
+        per-shape profiling and optimisation (a p99 spike otherwise)."""
+        hist = self.popular[: self.max_history + 1].astype(np.int64)
+        for L in range(1, len(hist) + 1):
+            self.recommend(hist[:L], n=min(10, self.n_items - 1))
+
     def _fill(self, out: list[Recommended], n: int, skip: np.ndarray) -> list[Recommended]:
         """Top up with popular items (cold start, tiny catalogues, heavy exclusion)."""
         if len(out) >= n:
