@@ -57,3 +57,17 @@ class RankingBatch(_Batch):
     aux_neg: torch.Tensor
     target: torch.Tensor
     label: torch.Tensor
+
+
+@dataclass
+class MultiTaskBatch(RankingBatch):
+    """A ranking step with one label per task (PLE, SPEC §4.1); `label` stays the engaged/click label.
+
+    labels:     (B, K) float 0/1, one column per task (K tasks, in the model's task order)
+    label_mask: (B, K) bool, False = this sample does not count for that task
+    n_events:   (B,)   the user's history length at the sample (activity; not capped at T)
+    """
+
+    labels: torch.Tensor
+    label_mask: torch.Tensor
+    n_events: torch.Tensor

@@ -8,6 +8,7 @@ Outputs, in the prepared directory:
   item_features.npz   field -> int32 (n_items, W) attribute ids, 0 = padding (row 0 all zeros)
   ranking.parquet     DIEN samples: user, pos (index of the target in the user's sequence),
                       target, label, split (train | valid | test)
+                      (+ rating, behavior of the positive target where the log has them)
   feature_map.json    vocab sizes, fields, settings: the contract between training and serving
   summary.json        counts before/after filtering, split sizes, skipped rows, seconds
 
@@ -72,6 +73,7 @@ def prepare(cfg: Config, out_dir: str | Path | None = None, verbose: bool = True
     aux_neg = _sample_not_equal(rng, iid, n_items)
     split = _user_split(rng, n_users - 1, p.split)
     ranking = _ranking_samples(rng, uid, iid, offsets, counts, n_items, pair_keys)
+    ranking = _with_target_signals(ranking, events, offsets)
 
     features, field_info = _item_features(log, items, n_items)
 
@@ -223,6 +225,23 @@ def _ranking_samples(rng, uid, iid, offsets, counts, n_items, pair_keys) -> pl.D
     })
 
 
+def _with_target_signals(ranking: pl.DataFrame, events: pl.DataFrame, offsets: np.ndarray) -> pl.DataFrame:
+    """Extra label columns for multi-task ranking (SPEC §4.1): the positive target event's `rating`
+    (0 for sampled negatives) and `behavior` (null for negatives), where the log has them."""
+    if "rating" not in events.columns and "behavior" not in events.columns:
+        return ranking
+    ev = offsets[ranking["user"].to_numpy().astype(np.int64) - 1] + ranking["pos"].to_numpy()  # the positive's event row
+    pos = ranking["label"].to_numpy() == 1
+    cols = []
+    if "rating" in events.columns:
+        r = events["rating"].cast(pl.Float32).to_numpy()[ev]
+        cols.append(pl.Series("rating", np.where(pos, r, 0).astype(np.float32)))
+    if "behavior" in events.columns:
+        b = events["behavior"].cast(pl.Utf8).gather(ev)
+        cols.append(pl.Series("behavior", b).zip_with(pl.Series(pos), pl.Series([None] * len(ev), dtype=pl.Utf8)).cast(pl.Categorical))
+    return ranking.with_columns(cols)
+
+
 def _item_features(log: RawLog, items: pl.DataFrame, n_items: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Remap each attribute's values to 1..V per field and lay them out as (n_items, W) id arrays."""
     features: dict[str, np.ndarray] = {}
@@ -275,7 +294,8 @@ def prepared_key(cfg: Config) -> str:
     from facetrec.config import resolve_data_root
 
     h = hashlib.sha256()
-    h.update(json.dumps({"data": cfg.to_dict()["data"], "prepare": cfg.to_dict()["prepare"], "v": FORMAT_VERSION},
+    h.update(json.dumps({"data": cfg.to_dict()["data"], "prepare": cfg.to_dict()["prepare"], "v": FORMAT_VERSION,
+                         "ranking_signals": 1},  # ranking.parquet carries rating / behavior columns
                         sort_keys=True).encode())
     root = resolve_data_root(cfg.data.root)
     names = [cfg.data.interactions, cfg.data.metadata, cfg.data.movies, *[t.file for t in cfg.data.item_tables]]

@@ -11,6 +11,7 @@ from facetrec.errors import ConfigError
 
 RETRIEVAL = ("mind", "youtubednn")
 RANKING = ("dien", "din", "base")
+MULTITASK = ("ple", "ple-uie")  # cold start (SPEC §4): PLE, and PLE with UIE enhancement vectors
 
 
 def _config_class(name: str):
@@ -22,7 +23,11 @@ def _config_class(name: str):
         from facetrec.models.dien import DIENConfig
 
         return DIENConfig
-    raise ConfigError(f"model {name!r} is not one of {', '.join(RETRIEVAL + RANKING)}")
+    if name in MULTITASK:
+        from facetrec.models.ple import PLEConfig
+
+        return PLEConfig
+    raise ConfigError(f"model {name!r} is not one of {', '.join(RETRIEVAL + RANKING + MULTITASK)}")
 
 
 def _model_class(name: str):
@@ -30,6 +35,10 @@ def _model_class(name: str):
         from facetrec.models.mind import MIND
 
         return MIND
+    if name in MULTITASK:
+        from facetrec.models.ple import PLE
+
+        return PLE
     from facetrec.models import dien
 
     return {"dien": dien.DIEN, "din": dien.DIN, "base": dien.BaseModel}[name]
@@ -42,6 +51,8 @@ def make_config(name: str, params: dict[str, Any], n_items: int):
     if name == "youtubednn":
         params.setdefault("n_interests", 1)
         params.setdefault("pooling", "mean")
+    if name == "ple-uie":
+        params.setdefault("use_uie", True)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - names)
     if unknown:

@@ -23,7 +23,8 @@ from facetrec.errors import ConfigError
 from facetrec.io import write_json
 from facetrec.train.loop import FitResult, fit, load_checkpoint
 
-ALL_MODELS = ("mind", "youtubednn", "popularity", "dien", "din", "base")
+ALL_MODELS = ("mind", "youtubednn", "popularity", "dien", "din", "base", "ple", "ple-uie")
+MULTITASK = ("ple", "ple-uie")
 
 
 def model_name(cfg: Config) -> str:
@@ -89,6 +90,12 @@ def train(cfg: Config, progress: bool = True, rank: int = 0, world: int = 1) -> 
         model = build_mind(cfg, prep).to(device)
         result = fit(retrieval_task(cfg, prep, model, device, rank, world), cfg.train, run_dir, rank=rank, progress=progress)
         metrics = _retrieval_metrics(cfg, prep, model, device)
+    elif name in MULTITASK:
+        from facetrec.train.multitask import build_ple, multitask_metrics, multitask_task
+
+        model = build_ple(cfg, prep, run_dir, fresh=not (run_dir / "last.pt").exists()).to(device)
+        result = fit(multitask_task(cfg, prep, model, device, rank, world), cfg.train, run_dir, rank=rank, progress=progress)
+        metrics = multitask_metrics(cfg, prep, model, device, run_dir if rank == 0 else None)
     else:
         from facetrec.train.ranking import ranking_model, ranking_task
 
@@ -107,6 +114,7 @@ def train(cfg: Config, progress: bool = True, rank: int = 0, world: int = 1) -> 
         write_json(run_dir / "metrics.json", out)
         if progress:
             test = {k: v for k, v in out["test"].items() if isinstance(v, float)}
+            test.update({f"{k}/{m}": v[m] for k, v in out["test"].items() if isinstance(v, dict) for m in ("auc", "gauc") if m in v})
             print(f"{name} on {cfg.data.name}: test " + " ".join(f"{k} {v:.4f}" for k, v in test.items()))
             print(f"wrote {run_dir / 'metrics.json'}")
     return out
@@ -171,14 +179,23 @@ def evaluate(run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
             from facetrec.train.retrieval import build_mind
 
             model = build_mind(cfg, prep)
+        elif name in MULTITASK:
+            from facetrec.train.multitask import build_ple
+
+            model = build_ple(cfg, prep, run_dir, fresh=False)
         else:
             from facetrec.train.ranking import ranking_model
 
             model = ranking_model(cfg, prep)
         model.load_state_dict(load_checkpoint(best)["model"])
         model.to(device)
-        metrics = (_retrieval_metrics(cfg, prep, model, device) if name in ("mind", "youtubednn")
-                   else _ranking_metrics(prep, model, device))
+        if name in MULTITASK:
+            from facetrec.train.multitask import multitask_metrics
+
+            metrics = multitask_metrics(cfg, prep, model, device, run_dir)
+        else:
+            metrics = (_retrieval_metrics(cfg, prep, model, device) if name in ("mind", "youtubednn")
+                       else _ranking_metrics(prep, model, device))
     out = {**old, "model": name, "dataset": cfg.data.name, **metrics}
     write_json(run_dir / "metrics.json", out)
     return out

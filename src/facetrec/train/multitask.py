@@ -1,0 +1,240 @@
+"""Multi-task ranking for cold start (SPEC §4): PLE and PLE + UIE on the DIEN-protocol samples.
+
+    ranking.parquet (user, pos, target, label, + rating / behavior)
+        -> task labels (B, K): click / engaged = label; liked = rating >= like_threshold;
+           purchase = behaviour in purchase_behaviors (negatives are 0; scope "positives"
+           scores a task on engaged samples only)
+        -> PLE (+ UIE; memories updated after every step) -> fit (early stopping on the mean valid AUC)
+        -> metrics: per task AUC / GAUC / logloss; per activity bucket (history events at the
+           sample: <=5, 6-20, >20) per task; simulated cold start (test histories cut to their
+           last 1, 2, 3, 5 events, users treated as unseen); centre health (centres.json)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import polars as pl
+import torch
+
+from facetrec.config import Config
+from facetrec.data.batches import MultiTaskBatch
+from facetrec.data.dataset import Prepared, minibatches
+from facetrec.errors import ConfigError, DataError
+from facetrec.eval.metrics import auc, bucket_labels, bucket_of, gauc, logloss, ranking_by_bucket
+from facetrec.io import write_json
+from facetrec.models.ple import PLE, PLEConfig, multitask_loss
+from facetrec.train.build import build_model, make_config
+from facetrec.train.loop import Task, load_checkpoint
+
+BUCKET_EDGES = (5, 20)
+TRUNCATIONS = (1, 2, 3, 5)
+
+
+def default_tasks(prep: Prepared) -> tuple[str, ...]:
+    """Tasks the data supports: ratings -> engaged + liked; a buy behaviour -> click + purchase; else click."""
+    if prep.feature_map.get("has_rating"):
+        return ("engaged", "liked")
+    if "buy" in prep.feature_map.get("behaviors", []):
+        return ("click", "purchase")
+    return ("click",)
+
+
+@dataclass
+class MultiTaskSamples:
+    user: np.ndarray  # (S,)
+    pos: np.ndarray  # (S,) history events before the target
+    target: np.ndarray  # (S,)
+    labels: np.ndarray  # (S, K) float32
+    mask: np.ndarray  # (S, K) bool: the sample counts for the task
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    def subset(self, keep: np.ndarray) -> "MultiTaskSamples":
+        return MultiTaskSamples(self.user[keep], self.pos[keep], self.target[keep], self.labels[keep], self.mask[keep])
+
+
+def task_labels(df: pl.DataFrame, cfg: PLEConfig, where: str = "ranking.parquet") -> tuple[np.ndarray, np.ndarray]:
+    """Labels (S, K) and masks (S, K) of the config's tasks from ranking samples (user, label, rating?, behavior?)."""
+    clicked = df["label"].to_numpy() == 1
+    labels, masks = [], []
+    for task in cfg.tasks:
+        scope = cfg.scope(task)
+        if task in ("click", "engaged"):
+            if scope != "all":
+                raise ConfigError(f"task_scope of {task!r} must be 'all': it is the positive-vs-negative task")
+            y = clicked
+        elif task == "liked":
+            if "rating" not in df.columns:
+                raise DataError(f"task 'liked' needs ratings but {where} has no rating column; set data.rating to the "
+                                f"rating column (and re-prepare), or choose tasks without 'liked'")
+            y = clicked & (df["rating"].to_numpy() >= cfg.like_threshold)
+        elif task == "purchase":
+            if "behavior" not in df.columns:
+                raise DataError(f"task 'purchase' needs behaviours but {where} has no behavior column; set data.behavior "
+                                f"(Taobao logs have it), or choose tasks without 'purchase'")
+            y = clicked & df["behavior"].cast(pl.Utf8).is_in(list(cfg.purchase_behaviors)).fill_null(False).to_numpy()
+        else:  # PLEConfig validated the names
+            raise ConfigError(f"unknown task {task!r}")
+        labels.append(y.astype(np.float32))
+        masks.append(clicked if scope == "positives" else np.ones(len(df), dtype=bool))
+    return np.stack(labels, 1), np.stack(masks, 1)
+
+
+def multitask_samples(prep: Prepared, split: str, cfg: PLEConfig) -> MultiTaskSamples:
+    df = pl.read_parquet(prep.path / "ranking.parquet").filter(pl.col("split") == split)
+    y, m = task_labels(df, cfg, str(prep.path / "ranking.parquet"))
+    return MultiTaskSamples(df["user"].to_numpy().astype(np.int64), df["pos"].to_numpy().astype(np.int64),
+                            df["target"].to_numpy().astype(np.int64), y, m)
+
+
+def multitask_batch(prep: Prepared, s: MultiTaskSamples, idx: np.ndarray, max_len: int, truncate: int = 0) -> MultiTaskBatch:
+    """A batch of samples `idx`. truncate > 0: simulated cold start — only the last `truncate` history
+    events are kept and the user counts as unseen (id 0: no per-user memory, no user embedding)."""
+    users = s.user[idx]
+    width = min(truncate, max_len) if truncate else max_len
+    (hist, aux), mask = prep.windows(users, s.pos[idx], width, (prep.items, prep.aux_neg))
+    n_events = np.minimum(s.pos[idx], truncate) if truncate else s.pos[idx]
+    shown = np.zeros_like(users) if truncate else users
+    return MultiTaskBatch(
+        user=torch.from_numpy(shown), hist=torch.from_numpy(hist), hist_mask=torch.from_numpy(mask),
+        aux_neg=torch.from_numpy(aux), target=torch.from_numpy(s.target[idx]), label=torch.from_numpy(s.labels[idx, 0].copy()),
+        labels=torch.from_numpy(s.labels[idx]), label_mask=torch.from_numpy(s.mask[idx]), n_events=torch.from_numpy(n_events),
+    )
+
+
+def model_config(cfg: Config, prep: Prepared) -> tuple[str, PLEConfig]:
+    params = dict(cfg.model)
+    name = params.pop("name")
+    if not params.get("tasks"):
+        params["tasks"] = list(default_tasks(prep))
+    if name == "ple-uie":
+        params.setdefault("n_users", prep.n_users)
+    return name, make_config(name, params, prep.n_items)
+
+
+def build_ple(cfg: Config, prep: Prepared, run_dir: Optional[Path] = None, fresh: bool = True) -> PLE:
+    """PLE / PLE + UIE from the config; on a fresh run, `model.warm_start` loads the matching weights of a trained run."""
+    name, mcfg = model_config(cfg, prep)
+    model = build_model(name, mcfg, prep.feature_tensors(), prep.field_vocab)
+    if fresh and mcfg.warm_start:
+        report = warm_start(model, Path(mcfg.warm_start))
+        print(f"warm start from {mcfg.warm_start}: {report['loaded']} tensors loaded, {len(report['skipped'])} kept fresh")
+        if run_dir is not None:
+            write_json(Path(run_dir) / "warm_start.json", report)
+    return model
+
+
+def warm_start(model: torch.nn.Module, path: Path) -> dict[str, Any]:
+    """Copy every tensor of a trained checkpoint whose name and shape match (run dir -> its best.pt)."""
+    ck = path / "best.pt" if path.is_dir() else path
+    if not ck.exists():
+        raise ConfigError(f"model.warm_start {path}: no checkpoint at {ck}; give a finished run dir or a .pt file")
+    saved = load_checkpoint(ck)["model"]
+    own = model.state_dict()
+    take = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
+    if not take:
+        raise ConfigError(f"model.warm_start {ck}: no tensor matches this model by name and shape; is it a PLE / PLE + UIE run?")
+    model.load_state_dict(take, strict=False)
+    return {"from": str(ck), "loaded": len(take), "skipped": sorted(set(own) - set(take))}
+
+
+def multitask_task(cfg: Config, prep: Prepared, model: PLE, device: torch.device | str = "cpu",
+                   rank: int = 0, world: int = 1) -> Task:
+    train = multitask_samples(prep, "train", model.cfg)
+    valid = multitask_samples(prep, "valid", model.cfg)
+    bs = cfg.train.batch_size
+
+    def batches(seed: int):
+        if model.uie is not None:
+            model.uie.start_epoch()
+        for idx in minibatches(len(train), bs, True, seed, rank, world):
+            yield multitask_batch(prep, train, idx, prep.max_history).to(device)
+
+    def loss(batch: MultiTaskBatch):
+        out = model.outputs(batch, with_aux=True)
+        total, parts = multitask_loss(model, batch, out)
+        logs = {k: float(v) for k, v in parts.items()}
+        if model.uie is not None and model.training:
+            # after the forward: this step's vectors were enhanced by the memories as they were
+            logs.update(model.uie.update(out.uie, batch.user, out.hist_e, batch.hist_mask.bool(), batch.n_events,
+                                         batch.label > 0.5))
+        return total, logs
+
+    def evaluate(split: str) -> dict[str, float]:
+        m = task_metrics(valid, predict(model, prep, valid, device=device), model.cfg.tasks)
+        flat = {f"{t}/{k}": v[k] for t, v in m.items() for k in ("auc", "gauc")}
+        return {"auc": float(np.mean([m[t]["auc"] for t in model.cfg.tasks])), **flat}
+
+    return Task(model=model, batches=batches, n_batches=-(-len(train) // bs), loss=loss, evaluate=evaluate, monitor="auc")
+
+
+@torch.no_grad()
+def predict(model: PLE, prep: Prepared, s: MultiTaskSamples, truncate: int = 0, batch_size: int = 2048,
+            device: torch.device | str = "cpu") -> np.ndarray:
+    """Probabilities (S, K) for every sample and task, in order."""
+    model.eval()
+    out = []
+    for idx in minibatches(len(s), batch_size, shuffle=False, seed=0):
+        b = multitask_batch(prep, s, idx, prep.max_history, truncate).to(device)
+        out.append(torch.sigmoid(model(b).float()).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(model.cfg.tasks)), dtype=np.float32)
+
+
+def task_metrics(s: MultiTaskSamples, probs: np.ndarray, tasks: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """{task: {auc, gauc, logloss, samples}} over the samples that count for each task."""
+    out = {}
+    for k, task in enumerate(tasks):
+        m = s.mask[:, k]
+        y, p = s.labels[m, k], probs[m, k]
+        row: dict[str, float] = {"samples": int(m.sum()), "positives": int(y.sum())}
+        if 0 < row["positives"] < row["samples"]:
+            row.update(auc=auc(y, p), gauc=gauc(s.user[m], y, p), logloss=logloss(y, p))
+        else:
+            row.update(auc=float("nan"), gauc=float("nan"))
+        out[task] = row
+    return out
+
+
+def bucket_metrics(s: MultiTaskSamples, probs: np.ndarray, tasks: tuple[str, ...]) -> dict[str, dict[str, dict[str, float]]]:
+    """{bucket: {task: {auc, gauc, logloss, samples, positives}}}; buckets by history events at the sample."""
+    names = bucket_labels(BUCKET_EDGES)
+    buckets = bucket_of(s.pos, BUCKET_EDGES)
+    out: dict[str, dict[str, dict[str, float]]] = {b: {} for b in names}
+    for k, task in enumerate(tasks):
+        m = s.mask[:, k]
+        per = ranking_by_bucket(s.user[m], s.labels[m, k], probs[m, k], buckets[m], order=names)
+        for b in names:
+            out[b][task] = per[b]
+    return out
+
+
+def multitask_metrics(cfg: Config, prep: Prepared, model: PLE, device: torch.device | str = "cpu",
+                      run_dir: Optional[Path] = None) -> dict[str, Any]:
+    """valid / test per task, test by activity bucket, simulated cold start, centre health."""
+    tasks = model.cfg.tasks
+    out: dict[str, Any] = {"tasks": list(tasks)}
+    for split in ("valid", "test"):
+        s = multitask_samples(prep, split, model.cfg)
+        probs = predict(model, prep, s, device=device)
+        out[split] = task_metrics(s, probs, tasks)
+        if split == "test":
+            out["buckets"] = bucket_metrics(s, probs, tasks)
+            cold = {}
+            for k in TRUNCATIONS:
+                sub = s.subset(s.pos >= k)  # every sample keeps exactly k history events
+                m = task_metrics(sub, predict(model, prep, sub, truncate=k, device=device), tasks)
+                cold[str(k)] = m
+            out["cold_start"] = cold
+    if model.uie is not None:
+        health = model.uie.health()
+        out["centres"] = {k: {f: v[f] for f in ("centres", "in_use", "in_use_ever", "usage_entropy", "reseeded")}
+                          if isinstance(v, dict) else v for k, v in health.items()}
+        if run_dir is not None:
+            write_json(Path(run_dir) / "centres.json", health)
+    return out

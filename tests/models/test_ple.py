@@ -1,0 +1,193 @@
+"""PLE properties (SPEC §4.1) and the cold-start pipeline end to end: softmax gates, task labels
+from the data, config errors, a tiny train that writes the metrics.json shape."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from facetrec.data.batches import MultiTaskBatch
+from facetrec.errors import ConfigError, DataError
+from facetrec.models.ple import CGC, PLE, PLEConfig, multitask_loss
+from facetrec.train.multitask import task_labels
+from tests.conftest import ROOT
+
+N_ITEMS, N_CATE = 30, 4
+
+
+def features():
+    g = torch.Generator().manual_seed(0)
+    cate = torch.randint(1, N_CATE, (N_ITEMS, 1), generator=g)
+    cate[0] = 0
+    return {"cate": cate}, {"cate": N_CATE}
+
+
+def make(tasks=("engaged", "liked"), **kw) -> PLE:
+    torch.manual_seed(0)
+    kw = {"embed_dim": 4, "expert": (8,), "tower": (4,), **kw}
+    return PLE(PLEConfig(n_items=N_ITEMS, tasks=tasks, **kw), *features())
+
+
+def batch(B=6, T=4, K=2, seed=0) -> MultiTaskBatch:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, T + 1, (B,), generator=g)
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    hist = torch.randint(1, N_ITEMS, (B, T), generator=g) * mask
+    labels = torch.randint(0, 2, (B, K), generator=g).float()
+    return MultiTaskBatch(user=torch.arange(1, B + 1), hist=hist, hist_mask=mask, aux_neg=torch.randint(1, N_ITEMS, (B, T), generator=g),
+                          target=torch.randint(1, N_ITEMS, (B,), generator=g), label=labels[:, 0], labels=labels,
+                          label_mask=torch.ones(B, K, dtype=torch.bool), n_events=lengths)
+
+
+@pytest.mark.parametrize("levels", [1, 3])
+def test_gates_are_softmax_over_their_experts(levels):
+    m = make(levels=levels, task_experts=2, shared_experts=3)
+    gates = m.gates(batch())
+    assert len(gates) == levels
+    for i, level in enumerate(gates):
+        task_gates = level[:2]
+        for g in task_gates:
+            assert g.shape == (6, 2 + 3)  # own experts + shared experts
+        if i < levels - 1:
+            assert len(level) == 3 and level[2].shape == (6, 2 * 2 + 3)  # the shared gate sees every expert
+        else:
+            assert len(level) == 2  # no shared path out of the last level
+        for g in level:
+            assert (g >= 0).all() and torch.allclose(g.sum(-1), torch.ones(6))
+
+
+def test_a_task_output_is_the_gate_weighted_sum_of_its_experts():
+    cfg = PLEConfig(n_items=5, tasks=("click", "purchase"), expert=(3,), task_experts=1, shared_experts=2)
+    cgc = CGC(4, 2, cfg, shared_gate=False)
+    x = torch.randn(5, 4)
+    outs, shared, gates = cgc([x, x], x)
+    experts = torch.stack([cgc.task_experts[1][0](x), cgc.shared_experts[0](x), cgc.shared_experts[1](x)], 1)  # (B, 3, H)
+    assert shared is None
+    assert torch.allclose(outs[1], (gates[1][..., None] * experts).sum(1), atol=1e-6)
+
+
+@pytest.mark.parametrize("sequence", ["pool", "dien"])
+def test_logits_per_task_and_the_loss_parts(sequence):
+    m = make(sequence=sequence)
+    b = batch()
+    assert m(b).shape == (6, 2)
+    total, parts = multitask_loss(m, b)
+    assert set(parts) == ({"bce/engaged", "bce/liked", "aux"} if sequence == "dien" else {"bce/engaged", "bce/liked"})
+    total.backward()
+    assert m.towers[1][1].weight.grad.abs().sum() > 0
+
+
+def test_masked_task_samples_do_not_count():
+    m = make()
+    b = batch()
+    total, parts = multitask_loss(m, b)
+    b.label_mask[:, 1] = torch.tensor([True, False, False, False, False, False])
+    flipped = b.labels.clone()
+    flipped[1:, 1] = 1 - flipped[1:, 1]  # change only the masked-out labels
+    b2 = MultiTaskBatch(**{**b.__dict__, "labels": flipped})
+    assert torch.allclose(multitask_loss(m, b)[1]["bce/liked"], multitask_loss(m, b2)[1]["bce/liked"])
+
+
+def test_task_labels_come_from_the_data():
+    df = pl.DataFrame({"user": [1, 1, 2, 2, 3, 3], "label": [1, 0, 1, 0, 1, 0],
+                       "rating": [5.0, 0.0, 3.0, 0.0, 4.0, 0.0],
+                       "behavior": pl.Series(["pv", None, "buy", None, "cart", None], dtype=pl.Utf8)})
+    y, mask = task_labels(df, PLEConfig(n_items=5, tasks=("engaged", "liked")))
+    assert y[:, 0].tolist() == [1, 0, 1, 0, 1, 0]
+    assert y[:, 1].tolist() == [1, 0, 0, 0, 1, 0]  # rating >= 4; negatives 0
+    assert mask.all()
+    y, mask = task_labels(df, PLEConfig(n_items=5, tasks=("click", "purchase"), task_scope={"purchase": "positives"}))
+    assert y[:, 1].tolist() == [0, 0, 1, 0, 0, 0]
+    assert mask[:, 1].tolist() == [True, False, True, False, True, False]
+    y, _ = task_labels(df, PLEConfig(n_items=5, tasks=("click", "purchase"), purchase_behaviors=("buy", "cart")))
+    assert y[:, 1].tolist() == [0, 0, 1, 0, 1, 0]
+    with pytest.raises(DataError, match="data.rating"):
+        task_labels(df.drop("rating"), PLEConfig(n_items=5, tasks=("engaged", "liked")))
+    with pytest.raises(DataError, match="data.behavior"):
+        task_labels(df.drop("behavior"), PLEConfig(n_items=5, tasks=("click", "purchase")))
+
+
+def test_config_errors_say_what_to_do():
+    with pytest.raises(ValueError, match="choose from"):
+        PLEConfig(n_items=5, tasks=("clicks",))
+    with pytest.raises(ValueError, match="first task"):
+        PLEConfig(n_items=5, tasks=("liked", "engaged"))
+    with pytest.raises(ValueError, match="one weight per task"):
+        PLEConfig(n_items=5, tasks=("click",), task_weights=(1.0, 2.0))
+    with pytest.raises(ValueError, match="sequence"):
+        PLEConfig(n_items=5, tasks=("click",), sequence="gru")
+    with pytest.raises(ValueError, match="task_scope"):
+        PLEConfig(n_items=5, tasks=("click",), task_scope={"liked": "positives"})
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def rated_log(tmp_path_factory, synth_prepared):
+    """The synthetic log with a rating column (1-5), so two tasks exist: engaged and liked."""
+    _, raw = synth_prepared
+    base = tmp_path_factory.mktemp("rated")
+    df = pl.read_csv(raw / "interactions.tsv", separator="\t")
+    rng = np.random.default_rng(0)
+    df = df.with_columns(pl.Series("rating", rng.integers(1, 6, df.height)))
+    df.write_csv(base / "interactions.tsv", separator="\t")
+    (base / "items.tsv").write_bytes((raw / "items.tsv").read_bytes())
+    return base
+
+
+def _cfg(raw, run_dir, name, extra=()):
+    from facetrec.config import load_config
+
+    return load_config(ROOT / "configs" / "synthetic.yaml", [
+        f"data.root={raw}", "data.rating=rating", f"run.dir={run_dir}", f"model.name={name}", "model.expert=[16]",
+        "model.tower=[8]", "model.embed_dim=8", "train.epochs=1", "train.max_steps=15", "train.batch_size=128",
+        "train.threads=1", "model.uie.clusters=8", "model.uie.profile_dim=8", *extra])
+
+
+def test_tiny_ple_uie_train_writes_the_metrics_shape(rated_log, tmp_path, monkeypatch):
+    from facetrec.train.run import evaluate, train
+
+    monkeypatch.setenv("FACETREC_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "ple-uie"
+    m = train(_cfg(rated_log, run, "ple-uie", ["model.uie.reseed_every=5"]), progress=False)
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["tasks"] == ["engaged", "liked"]  # derived from the data: it has ratings
+    for task in ("engaged", "liked"):
+        assert 0 <= saved["test"][task]["auc"] <= 1 and 0 <= saved["test"][task]["gauc"] <= 1
+        for bucket in ("<=5", "6-20", ">20"):
+            assert task in saved["buckets"][bucket]
+        for k in ("1", "2", "3", "5"):
+            assert 0 <= saved["cold_start"][k][task]["auc"] <= 1
+    assert any("auc" in saved["buckets"][b]["engaged"] for b in saved["buckets"])
+    health = json.loads((run / "centres.json").read_text())
+    for mem in ("profile", "item", "sequence"):
+        assert health[mem]["centres"] == 8 and len(health[mem]["usage"]) == 8 and 0 < health[mem]["in_use"] <= 1
+        assert saved["centres"][mem]["in_use"] == health[mem]["in_use"]
+    assert health["users_with_memory"] > 0
+    again = evaluate(run, progress=False)  # rebuild from the run dir and best.pt
+    assert again["test"]["engaged"]["auc"] == pytest.approx(m["test"]["engaged"]["auc"])
+
+    # warm start: a PLE + UIE run from the trained one loads every tensor (memories included)
+    warm = tmp_path / "warm"
+    train(_cfg(rated_log, warm, "ple-uie", ["train.max_steps=2", f"model.warm_start={run}"]), progress=False)
+    report = json.loads((warm / "warm_start.json").read_text())
+    assert report["loaded"] > 0 and report["skipped"] == []
+
+
+def test_tiny_ple_without_uie_and_a_wrong_task_for_the_data(synth_prepared, tmp_path, monkeypatch):
+    from facetrec.train.run import train
+
+    monkeypatch.setenv("FACETREC_CACHE", str(tmp_path / "cache"))
+    _, raw = synth_prepared
+    cfg = _cfg(raw, tmp_path / "ple", "ple", ["data.rating=", "train.max_steps=5"])
+    m = train(cfg, progress=False)
+    assert m["tasks"] == ["click"] and "centres" not in m and set(m["buckets"]) == {"<=5", "6-20", ">20"}
+    with pytest.raises(DataError, match="rating"):
+        train(_cfg(raw, tmp_path / "bad", "ple", ["data.rating=", "model.tasks=[engaged, liked]"]), progress=False)
+    with pytest.raises(ConfigError, match="warm_start"):
+        train(_cfg(raw, tmp_path / "bad2", "ple", ["data.rating=", "model.warm_start=/nonexistent/run"]), progress=False)
