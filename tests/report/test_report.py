@@ -103,6 +103,9 @@ def test_interest_numbers_are_consistent(report, runs):
     page = (report / "index.html").read_text()
     assert f"<b>{div['interest_js']:.3f}</b>" in page and f"<b>{div['random_js']:.3f}</b>" in page
     assert f"interests are <b>{div['verdict']}</b> random splits" in page
+    hs = s["history_split_diversity"]  # null 2: random history groups' mean vectors retrieving
+    assert hs["users"] > 0 and 0 <= hs["random_js"] <= 1
+    assert f"<b>{hs['random_js']:.3f}</b> — interests are <b>{hs['verdict']}</b> random history splits" in page
     routed = s["routing_diversity"]
     assert routed["users"] > 0 and f"are {routed['interest_js']:.3f} apart" in page
     k_hist = s["k_prime"]["histogram"]

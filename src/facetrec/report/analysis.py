@@ -136,6 +136,12 @@ def interest_diversity(users: Iterable[int], retrieved: Iterable[Sequence[np.nda
         if len(cats) < 2:
             continue
         rows.append((int(u), mean_pairwise_js(cats, n_categories), random_split_js(cats, n_categories, rng, repeats)))
+    return paired(rows, top_m)
+
+
+def paired(rows: Sequence[tuple[int, float, float]], top_m: int) -> Diversity:
+    """Diversity from per-user (user, interests' JS, baseline JS) rows: means, share above, 95% interval."""
+    rows = [r for r in rows if math.isfinite(r[1]) and math.isfinite(r[2])]
     if not rows:
         return Diversity(0, top_m, float("nan"), float("nan"), float("nan"), (float("nan"), float("nan")), [])
     a = np.array([r[1] for r in rows])
@@ -143,7 +149,19 @@ def interest_diversity(users: Iterable[int], retrieved: Iterable[Sequence[np.nda
     d = a - b
     half = 1.96 * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
     return Diversity(len(rows), top_m, float(a.mean()), float(b.mean()), float((a > b).mean()),
-                     (float(d.mean() - half), float(d.mean() + half)), rows)
+                     (float(d.mean() - half), float(d.mean() + half)), list(rows))
+
+
+def history_splits(hist: np.ndarray, k: int, rng: np.random.Generator, repeats: int) -> list[list[np.ndarray]]:
+    """`repeats` random splits of a history's items into k groups of near-equal size (the second null:
+    what routing would give if it grouped behaviours at random).
+
+    Example:
+        >>> splits = history_splits(np.arange(1, 8), 3, np.random.default_rng(0), repeats=2)
+        >>> [sorted(len(g) for g in s) for s in splits], sorted(np.concatenate(splits[0]).tolist())
+        ([[2, 2, 3], [2, 2, 3]], [1, 2, 3, 4, 5, 6, 7])
+    """
+    return [np.array_split(rng.permutation(np.asarray(hist)), k) for _ in range(repeats)]
 
 
 # ---------------------------------------------------------------- ANN recall vs latency

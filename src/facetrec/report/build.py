@@ -26,8 +26,8 @@ import torch
 
 from facetrec.errors import ConfigError
 from facetrec.io import write_bytes, write_json
-from facetrec.report.analysis import (Diversity, ann_sweep, bucket_sort_key, interest_diversity, mean_pairwise_js,
-                                      mean_std, random_split_js)
+from facetrec.report.analysis import (Diversity, ann_sweep, bucket_sort_key, history_splits, interest_diversity,
+                                      mean_pairwise_js, mean_std, paired, random_split_js)
 from facetrec.report.explain import coupling_matrix
 from facetrec.report.runs import (BASELINES, LoadedModel, MissingInput, RunInfo, group_key, group_label, load_run,
                                   primary_task)
@@ -92,9 +92,10 @@ class Report:
             self._loaded[run.path] = LoadedModel(run)
         return self._loaded[run.path]
 
-    def _first(self, names: Sequence[str], need_weights: bool = True) -> RunInfo:
+    def _first(self, names: Sequence[str]) -> RunInfo:
+        """The first run given of one of these models that has trained weights."""
         for r in self.runs:
-            if r.name in names and (not need_weights or (r.path / "best.pt").exists()):
+            if r.name in names and (r.path / "best.pt").exists():
                 return r
         raise MissingInput(f"needs a trained {' / '.join(names)} run (with best.pt) among the run directories")
 
@@ -193,28 +194,65 @@ class Report:
         return es, np.concatenate(valid), np.concatenate(lengths)
 
     @torch.no_grad()
-    def _retrieve_per_interest(self, lm: LoadedModel, users: np.ndarray, ends: np.ndarray, index) -> tuple[Any, Any, list]:
+    def _retrieve_per_interest(self, lm: LoadedModel, users: np.ndarray, ends: np.ndarray,
+                               index) -> tuple[Any, Any, list[list[np.ndarray]]]:
         """Each valid interest's own top-M items (before the merge over interests), history excluded.
 
         Returns the RetrievalBatch, its Routing, and per user a list of item-id arrays, one per valid interest.
         """
-        from facetrec.data.dataset import history_csr, retrieval_batch
+        from facetrec.data.dataset import retrieval_batch
 
         b = retrieval_batch(lm.prep, users, ends, lm.prep.max_history)
         routing = lm.model.route(b.hist, b.hist_mask, b.n_events)
         V = lm.model.interests_from_capsules(routing.capsules, routing.valid, b.user).float().numpy()  # (U, K, D)
         valid = routing.valid.numpy()
+        owner = np.repeat(np.arange(len(users)), valid.sum(1))
+        found = self._top_unseen(lm, index, V[valid], owner, users, ends)
+        per_user: list[list[np.ndarray]] = [[] for _ in users]
+        for u, items in zip(owner, found):
+            per_user[u].append(items)
+        return b, routing, per_user
+
+    def _top_unseen(self, lm: LoadedModel, index, queries: np.ndarray, owner: np.ndarray, users: np.ndarray,
+                    ends: np.ndarray) -> list[np.ndarray]:
+        """Top-M items of each query (Q, D), without the items its owner (index into users) has seen."""
+        from facetrec.data.dataset import history_csr
+
         off, seen_items = history_csr(lm.prep, users, ends)
         m = self.opts.top_m
         k = int(min(index.ntotal, m + np.diff(off).max(initial=0)))
-        _, ids = index.search(V[valid], k)  # (V, k)
-        owner = np.repeat(np.arange(len(users)), valid.sum(1))
-        per_user: list[list[np.ndarray]] = [[] for _ in users]
-        for row, u in zip(ids, owner):
-            seen = seen_items[off[u]:off[u + 1]]
-            keep = row[(row > 0) & ~np.isin(row, seen)][:m]
-            per_user[u].append(keep)
-        return b, routing, per_user
+        _, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)  # (Q, k)
+        return [row[(row > 0) & ~np.isin(row, seen_items[off[u]:off[u + 1]])][:m] for row, u in zip(ids, owner)]
+
+    def _history_split_js(self, lm: LoadedModel, b, routing, users: np.ndarray, ends: np.ndarray, index,
+                          items: np.ndarray, cate: np.ndarray, n_cate: int, repeats: int = 5) -> list[float]:
+        """Per user, the interests' measure for random interests: the routed history split at random into
+        K'_u groups, each group's mean item vector retrieving its own top-M (NaN for users with K'_u < 2)."""
+        rng = np.random.default_rng(self.opts.seed)
+        queries, owner, key = [], [], []
+        for i in range(len(users)):
+            hist = b.hist[i][b.hist_mask[i]].numpy()
+            k = int(routing.valid[i].sum())
+            if k < 2 or len(hist) < k:
+                continue
+            for r, split in enumerate(history_splits(hist, k, rng, repeats)):
+                for g in split:
+                    queries.append(items[g - 1].mean(0))  # row i - 1 holds item i
+                    owner.append(i)
+                    key.append(r)
+        out = [float("nan")] * len(users)
+        if not queries:
+            return out
+        found = self._top_unseen(lm, index, np.stack(queries), np.array(owner), users, ends)
+        groups: dict[tuple[int, int], list[np.ndarray]] = {}
+        for u, r, g in zip(owner, key, found):
+            groups.setdefault((u, r), []).append(cate[g])
+        per_user: dict[int, list[float]] = {}
+        for (u, _), gs in groups.items():
+            per_user.setdefault(u, []).append(mean_pairwise_js(gs, n_cate))
+        for u, vals in per_user.items():
+            out[u] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+        return out
 
     def interests(self) -> list[Section]:
         s3 = Section("interests", "Interests of sample users: coupling coefficients and what each interest retrieves")
@@ -249,12 +287,16 @@ class Report:
         pick = np.sort(rng.choice(multi, n_div, replace=False))
         b, routing, retrieved = self._retrieve_per_interest(lm, es.users[pick], es.ends[pick], index)
         div = interest_diversity(es.users[pick], retrieved, cate, n_cate, self.opts.top_m, seed=self.opts.seed)
+        # second null: random interests (the routed history split at random, each group's mean vector retrieving)
+        hist_js = self._history_split_js(lm, b, routing, es.users[pick], es.ends[pick], index, items, cate, n_cate)
+        by_user = dict(zip(es.users[pick].tolist(), hist_js))
+        hdiv = paired([(u, a, by_user[u]) for u, a, _ in div.per_user], self.opts.top_m)
         # the same measure one step earlier: the history behaviours each interest's routing holds most strongly
         rdiv = interest_diversity(es.users[pick], _routed_groups(b, routing), cate, n_cate, 0, seed=self.opts.seed)
-        for key, d in (("interest_diversity", div), ("routing_diversity", rdiv)):
+        for key, d in (("interest_diversity", div), ("history_split_diversity", hdiv), ("routing_diversity", rdiv)):
             self.numbers[key] = {"run": str(run.path), "verdict": d.verdict,
                                  **{k: v for k, v in asdict(d).items() if k != "per_user"}}
-        s3.html += _diversity_html(div, rdiv, cate_field)
+        s3.html += _diversity_html(div, hdiv, rdiv, cate_field)
         if div.users:
             s3.figures.append((self._diversity_figure(div, cate_field),
                                "per user: how far apart the interests' retrieved categories are, against random splits"))
@@ -364,11 +406,11 @@ class Report:
         fig = _figure(figsize=(11, 4), layout="constrained")
         ax = fig.subplots()
         width = 0.8 / len(idx)
-        for c, i in enumerate(range(len(idx))):
+        for i in range(len(idx)):
             tgt = int(b.target[i])
             label = "clicked" if samples.label[idx[i]] == 1 else "sampled negative"
             same = cate[hist] == cate[tgt]
-            bars = ax.bar(np.arange(n) + (c - (len(idx) - 1) / 2) * width, att[i, :n], width,
+            bars = ax.bar(np.arange(n) + (i - (len(idx) - 1) / 2) * width, att[i, :n], width,
                           label=f"{label} candidate (c{cate[tgt]}), p(click) = {prob[i]:.2f}")
             for bar, hit in zip(bars, same):
                 if hit:
@@ -592,18 +634,27 @@ def _metrics_table(task: str, rows: list[dict[str, Any]], names: Sequence[str]) 
             "<p class='small'>mean ± sample std over seeds (no ± with one seed); best per column in bold.</p>")
 
 
-def _diversity_html(d: Diversity, routed: Diversity, cate_field: str) -> str:
+def _diversity_html(d: Diversity, hist: Diversity, routed: Diversity, cate_field: str) -> str:
     if not d.users:
         return "<p>No user with two or more non-empty interests: diversity not measured.</p>"
     field = f"<code>{html.escape(cate_field)}</code>"
+
+    def ci(x: Diversity) -> str:
+        return (f"95% interval of the mean difference {x.diff_ci[0]:+.3f} to {x.diff_ci[1]:+.3f}; "
+                f"{x.share_above:.0%} of users above")
+
     out = (f"<p class='result'><b>Interest diversity.</b> Over {d.users:,} test users with K'_u ≥ 2, each valid "
            f"interest retrieves its own top-{d.top_m} items (exact search, history excluded). The mean pairwise "
            f"Jensen–Shannon distance (log base 2: 0 = same distribution, 1 = disjoint) between the interests' "
-           f"{field} distributions is <b>{d.interest_js:.3f}</b>. The same measure for random splits of each "
-           f"user's retrieved items into groups of the same sizes (20 shuffles per user) is "
-           f"<b>{d.random_js:.3f}</b>: interests are <b>{d.verdict}</b> random splits (95% interval of the mean "
-           f"difference {d.diff_ci[0]:+.3f} to {d.diff_ci[1]:+.3f}; {d.share_above:.0%} of users above their "
-           f"random splits).</p>")
+           f"{field} distributions is <b>{d.interest_js:.3f}</b>.<br>"
+           f"Null 1, random splits of each user's retrieved items into groups of the same sizes (20 shuffles per "
+           f"user): <b>{d.random_js:.3f}</b> — interests are <b>{d.verdict}</b> random splits ({ci(d)}).")
+    if hist.users:
+        out += (f"<br>Null 2, random interests: the user's routed history split at random into K'_u groups, each "
+                f"group's mean item vector retrieving its own top-{hist.top_m} (5 splits per user): "
+                f"<b>{hist.random_js:.3f}</b> — interests are <b>{hist.verdict}</b> random history splits "
+                f"({ci(hist)}).")
+    out += "</p>"
     if routed.users:
         out += (f"<p>One step earlier, in the routing: grouping each user's history behaviours by the interest "
                 f"that holds them most strongly (argmax<sub>j</sub> w<sub>ij</sub>), the groups' {field} distributions "
