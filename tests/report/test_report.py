@@ -106,6 +106,8 @@ def test_interest_numbers_are_consistent(report, runs):
     hs = s["history_split_diversity"]  # null 2: random history groups' mean vectors retrieving
     assert hs["users"] > 0 and 0 <= hs["random_js"] <= 1
     assert f"<b>{hs['random_js']:.3f}</b> — interests are <b>{hs['verdict']}</b> random history splits" in page
+    assert [u["k_prime"] for u in s["sample_users"]] == [max(int(k) for k, c in s["k_prime"]["histogram"].items() if c)] * 2
+    assert all(0 <= u["history_split_js"] <= 1 for u in s["sample_users"])
     routed = s["routing_diversity"]
     assert routed["users"] > 0 and f"are {routed['interest_js']:.3f} apart" in page
     k_hist = s["k_prime"]["histogram"]

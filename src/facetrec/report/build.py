@@ -305,6 +305,7 @@ class Report:
         top_k = np.flatnonzero(k_user == k_user.max())
         sample = np.sort(rng.choice(top_k, min(self.opts.sample_users, len(top_k)), replace=False))
         b, routing, retrieved = self._retrieve_per_interest(lm, es.users[sample], es.ends[sample], index)
+        hist_js = self._history_split_js(lm, b, routing, es.users[sample], es.ends[sample], index, items, cate, n_cate)
         raw = lm.raw_items()
         rows = []
         for i, u in enumerate(es.users[sample]):
@@ -317,13 +318,14 @@ class Report:
                                     f"categories each interest retrieves (history excluded)"))
             groups = [cate[g] for g in retrieved[i]]
             rows.append((int(u), len(pos), len(ks), mean_pairwise_js(groups, n_cate),
-                         random_split_js(groups, n_cate, np.random.default_rng(self.opts.seed))))
-        self.numbers["sample_users"] = [dict(zip(("user", "behaviours", "k_prime", "interest_js", "random_js"), r))
-                                        for r in rows]
+                         random_split_js(groups, n_cate, np.random.default_rng(self.opts.seed)), hist_js[i]))
+        names = ("user", "behaviours", "k_prime", "interest_js", "random_js", "history_split_js")
+        self.numbers["sample_users"] = [dict(zip(names, r)) for r in rows]
         s3.html += ("<table><tr><th>sample user</th><th>behaviours</th><th>K'_u</th>"
-                    "<th>interests' mean pairwise JS distance</th><th>random splits</th></tr>"
-                    + "".join(f"<tr><td>{u}</td><td>{n}</td><td>{k}</td><td>{js:.3f}</td><td>{rs:.3f}</td></tr>"
-                              for u, n, k, js, rs in rows) + "</table>")
+                    "<th>interests' mean pairwise JS distance</th><th>null 1: random splits of the retrieved items</th>"
+                    "<th>null 2: random history splits</th></tr>"
+                    + "".join(f"<tr><td>{u}</td><td>{n}</td><td>{k}</td><td>{js:.3f}</td><td>{rs:.3f}</td>"
+                              f"<td>{hs:.3f}</td></tr>" for u, n, k, js, rs, hs in rows) + "</table>")
         return [s3, s4]
 
     def _distributions(self, s: Section, valid: np.ndarray, lengths: np.ndarray) -> None:
