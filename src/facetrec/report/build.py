@@ -390,7 +390,10 @@ class Report:
     @torch.no_grad()
     def attention(self) -> Section:
         s = Section("attention", "DIEN attention over the history for a sample candidate")
-        run = self._first(("dien", "din"))
+        try:
+            run = self._first(("dien",))
+        except MissingInput:
+            run = self._first(("dien", "din"))  # DIN's attention weights when no DIEN run is given
         lm = self._load(run)
         from facetrec.data.dataset import ranking_batch, ranking_samples
 
