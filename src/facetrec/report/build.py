@@ -6,7 +6,8 @@
 
 Sections (issue #8): training curves; metrics against baselines with seed spread; per-user
 coupling-coefficient heatmaps and the categories each interest retrieves (with the interests'
-category diversity against random splits); K'_u and capsule-length distributions; DIEN attention
+category diversity against two nulls: random splits of the retrieved items, and random interests
+made from random splits of the history); K'_u and capsule-length distributions; DIEN attention
 over a history; metrics by user-activity bucket (with / without UIE); ANN recall vs latency.
 A section whose inputs are missing is replaced by a note, never a crash.
 """
@@ -40,10 +41,13 @@ MONITOR = {"retrieval": "recall@50", "ranking": "auc"}
 def _figure(*args, **kwargs):
     """A matplotlib Figure on the Agg canvas (no pyplot global state, no display needed)."""
     try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         raise ConfigError("the report needs matplotlib: pip install 'facetrec[report]'") from None
-    return Figure(*args, **kwargs)
+    fig = Figure(*args, **kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 @dataclass
