@@ -118,6 +118,53 @@ def ann_recall_at(version: Path, users: int, k: int, seed: int) -> dict:
             "recall": round(float(ann_recall(approx_ids, exact_ids)), 4), "exact_build_s": round(build_s, 1)}
 
 
+def breakdown(version: Path, users: int, n: int, seed: int) -> dict:
+    """Where a recommend's CPU goes, in-process and single-threaded (thread CPU time, so another
+    process's load does not count): MIND routing, interest MLP, multi-interest search, ranking."""
+    import torch
+
+    from facetrec.data.dataset import Prepared
+    from facetrec.data.prepare import ensure_prepared
+    from facetrec.index.ann import multi_interest_search
+    from facetrec.serving.pipeline import Pipeline
+    from facetrec.train.run import load_run_config
+
+    torch.set_num_threads(1)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+    except ImportError:
+        pass
+    p = Pipeline(version)
+    p.warm_up()
+    prep = Prepared(ensure_prepared(load_run_config(Path(p.manifest["parts"]["retrieval"]["run"])), verbose=False))
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[float]] = {"route": [], "interest_mlp": [], "search": [], "rank": [], "recommend": []}
+
+    def timed(key, f):
+        t = time.thread_time()
+        out = f()
+        parts[key].append((time.thread_time() - t) * 1000)
+        return out
+
+    with torch.inference_mode():
+        for u in rng.choice(np.arange(1, prep.n_users), size=users, replace=False):
+            hist = prep.items[prep.offsets[u - 1]:prep.offsets[u - 1] + prep.counts[u]]
+            h, m, r = timed("route", lambda: p._route(hist, None))
+            V = timed("interest_mlp", lambda: p.retrieval.interests_from_capsules(r.capsules, r.valid, torch.tensor([0])))
+            seen = np.unique(hist)
+            ids, _, _ = timed("search", lambda: multi_interest_search(
+                p.index, V.numpy(), r.valid.numpy(), max(p.top_m, p.n_candidates), p.n_candidates,
+                (np.array([0, len(seen)]), seen)))
+            cand = torch.from_numpy(ids[0][ids[0] > 0])
+            if p.ranking is not None:
+                timed("rank", lambda: p.ranking.score_candidates(h[0], m[0], cand))
+            timed("recommend", lambda: p.recommend(hist, n))
+    return {k: {"mean_ms": round(float(np.mean(v)), 2), "p50_ms": round(float(np.median(v)), 2)}
+            for k, v in parts.items() if v} | {"users": users}
+
+
 async def run_load(base: str, users: list[str], items: list, rate: float, seconds: float, zipf: float, seed: int,
                    n: int) -> dict:
     import httpx
@@ -182,6 +229,34 @@ async def run_load(base: str, users: list[str], items: list, rate: float, second
     return out
 
 
+async def run_sequential(base: str, users: list, count: int, n: int, server_pid: int, seed: int) -> dict:
+    """One request at a time: latency without queueing, and the server's CPU seconds per request
+    (all its processes, from psutil) — the cost that decides the sustainable rate."""
+    import httpx
+    import psutil
+
+    def cpu() -> float:
+        procs = [psutil.Process(server_pid)] + psutil.Process(server_pid).children(recursive=True)
+        return sum(sum(p.cpu_times()[:2]) for p in procs)
+
+    rng = np.random.default_rng(seed + 2)
+    async with httpx.AsyncClient(timeout=30) as client:
+        await wait_ready(client, base)
+        for u in users[:20]:
+            await client.post(f"{base}/recommend", json={"user_id": u, "n": n})
+        lat, bad = [], 0
+        c0 = cpu()
+        for _ in range(count):
+            t = time.perf_counter()
+            r = await client.post(f"{base}/recommend", json={"user_id": users[int(rng.integers(len(users)))], "n": n})
+            lat.append((time.perf_counter() - t) * 1000)
+            bad += r.status_code != 200
+        per = (cpu() - c0) / count * 1000
+    a = np.array(lat)
+    return {"requests": count, "errors": bad, "server_cpu_ms_per_recommend": round(per, 2),
+            "p50_ms": round(float(np.percentile(a, 50)), 2), "p99_ms": round(float(np.percentile(a, 99)), 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifact", type=Path, required=True)
@@ -193,16 +268,27 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--no-preload", action="store_true", help="start with an empty store (every user cold)")
+    ap.add_argument("--sequential", type=int, default=0,
+                    help="instead of the rate test: this many recommend requests one at a time (CPU cost per request)")
+    ap.add_argument("--breakdown", type=int, default=0,
+                    help="only: in-process CPU time of each pipeline stage over this many sampled users, no server")
     ap.add_argument("--ann-recall-users", type=int, default=0,
                     help="also measure the index's recall@100 against exact search for this many sampled users")
     args = ap.parse_args()
-    if args.rate * args.seconds > 100_000:
+    if args.rate * args.seconds > 100_000 or args.sequential > 100_000:
         raise SystemExit("refusing more than 100k requests in one run")
 
     from facetrec.serving.artifacts import resolve_version
     import polars as pl
 
     version = resolve_version(args.artifact)
+    if args.breakdown:
+        res = {"breakdown": breakdown(version, args.breakdown, args.n, args.seed), "artifact": str(version)}
+        print(json.dumps(res, indent=2))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(res, indent=2))
+        return
     manifest = json.loads((version / "manifest.json").read_text())
     items = pl.read_parquet(version / "items.parquet")["raw_id"].to_list()
     workdir = Path(tempfile.mkdtemp(prefix="facetrec-load-"))
@@ -223,8 +309,11 @@ def main() -> None:
     proc = start_server(version, port, args.workers, store, workdir / "server.log")
     load_before = os.getloadavg()
     try:
-        res = asyncio.run(run_load(f"http://127.0.0.1:{port}", users, items, args.rate, args.seconds, args.zipf,
-                                   args.seed, args.n))
+        if args.sequential:
+            res = asyncio.run(run_sequential(f"http://127.0.0.1:{port}", users, args.sequential, args.n, proc.pid, args.seed))
+        else:
+            res = asyncio.run(run_load(f"http://127.0.0.1:{port}", users, items, args.rate, args.seconds, args.zipf,
+                                       args.seed, args.n))
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
