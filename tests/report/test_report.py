@@ -348,3 +348,23 @@ def test_docstring_examples(module):
 
     result = doctest.testmod(importlib.import_module(f"facetrec.report.{module}"), extraglobs={"np": np})
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_seeds_anywhere_in_the_model_section_group_together(runs, tmp_path):
+    """ple-uie runs carry model.uie.seed next to train.seed: they are seeds of one model, not three models."""
+    import yaml
+
+    from facetrec.report.runs import group_key, group_label, load_run
+
+    base = yaml.safe_load((runs["dien-s0"] / "config.yaml").read_text())
+    made = []
+    for name, seed, clusters in (("a", 0, 64), ("b", 1, 64), ("c", 0, 32)):
+        d = tmp_path / name
+        d.mkdir()
+        cfg = {**base, "model": {"name": "ple-uie", "uie": {"clusters": clusters, "seed": seed}},
+               "train": {**base["train"], "seed": seed}}
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+        made.append(load_run(d))
+    a, b, c = made
+    assert group_key(a) == group_key(b) != group_key(c)
+    assert group_label(a, made) == "ple-uie (uie={'clusters': 64})"

@@ -104,9 +104,19 @@ def load_run(path: str | Path) -> RunInfo:
     return RunInfo(path, cfg, name, cfg.data.name, int(cfg.train.seed), metrics, log)
 
 
+def _without_seeds(x: Any) -> Any:
+    """A config mapping with every `seed` / `*_seed` key removed, at any depth (e.g. model.uie.seed)."""
+    if isinstance(x, dict):
+        return {k: _without_seeds(v) for k, v in x.items() if not (k == "seed" or str(k).endswith("_seed"))}
+    if isinstance(x, (list, tuple)):
+        return [_without_seeds(v) for v in x]
+    return x
+
+
 def group_key(run: RunInfo) -> tuple[str, str, str]:
-    """Runs that differ only in seed (and run.dir) share a key: (dataset, model, model section)."""
-    return run.dataset, run.name, json.dumps(run.model_params, sort_keys=True, default=str)
+    """Runs that differ only in seeds (train.seed, any model.*.seed) and run.dir share a key:
+    (dataset, model, model section without seeds)."""
+    return run.dataset, run.name, json.dumps(_without_seeds(run.model_params), sort_keys=True, default=str)
 
 
 def group_label(run: RunInfo, runs: list[RunInfo]) -> str:
@@ -114,8 +124,9 @@ def group_label(run: RunInfo, runs: list[RunInfo]) -> str:
     others = [r for r in runs if r.name == run.name and r.dataset == run.dataset and group_key(r) != group_key(run)]
     if not others:
         return run.name
-    mine = run.model_params
-    keys = sorted({k for r in others for k in set(r.model_params) | set(mine) if r.model_params.get(k) != mine.get(k)})
+    mine = _without_seeds(run.model_params)
+    keys = sorted({k for r in others for theirs in [_without_seeds(r.model_params)]
+                   for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k)})
     return run.name + " (" + ", ".join(f"{k}={mine.get(k, '-')}" for k in keys) + ")" if keys else run.name
 
 
