@@ -154,8 +154,9 @@ def report(
     run_dirs: List[Path] = typer.Argument(..., help="Run directories written by `facetrec train` (seeds and models overlay)."),
     out: Path = typer.Option(Path("runs/report"), "--out", help="Folder for the PNG figures, index.html and report.json."),
     ann_results: Optional[List[Path]] = typer.Option(
-        None, "--ann-results", help="JSON written by benchmarks/index_recall.py --out (repeatable); "
-                                    "without it: a small sweep on the first MIND run's item vectors."),
+        None, "--ann-results", help="JSON written by benchmarks/index_recall.py --out (repeatable); default: "
+                                    "benchmarks/results/index_recall*.json, else a small sweep on the first MIND "
+                                    "run's item vectors."),
     users: int = typer.Option(3, help="Sample users shown with coupling-coefficient heatmaps."),
     diversity_users: int = typer.Option(500, help="Test users over which interest diversity is averaged (0 = all)."),
     top_m: int = typer.Option(50, help="Items each interest retrieves for the category analysis."),

@@ -131,7 +131,7 @@ def test_missing_inputs_become_notes(runs, tmp_path):
     (out / "report.json").write_text(json.dumps({"figures": ["interests_user999.png"]}))
     (out / "interests_user999.png").write_bytes(b"old")
     (out / "notes.txt").write_text("mine")
-    page = write_report([runs["popularity-s0"], training], out, ReportOptions()).read_text()
+    page = write_report([runs["popularity-s0"], training], out, ReportOptions(results_dir=tmp_path / "none")).read_text()
     summary = json.loads((out / "report.json").read_text())
     assert summary["figures"] == ["metrics.png"]
     assert sorted(p.name for p in out.iterdir()) == ["index.html", "metrics.png", "notes.txt", "report.json"]
@@ -152,7 +152,7 @@ def test_run_whose_data_is_gone_keeps_its_metrics(runs, tmp_path, monkeypatch):
     cfg["data"]["root"] = str(tmp_path / "no-such-data")
     (moved / "config.yaml").write_text(yaml.safe_dump(cfg))
     monkeypatch.setenv("FACETREC_CACHE", str(tmp_path / "empty-cache"))
-    write_report([moved], tmp_path / "out", ReportOptions())
+    write_report([moved], tmp_path / "out", ReportOptions(results_dir=tmp_path / "none"))
     summary = json.loads((tmp_path / "out" / "report.json").read_text())
     assert summary["figures"] == ["curves_retrieval.png", "metrics.png"]
     assert "prepared data cannot be loaded" in " ".join(summary["skipped"]["interests"])
@@ -168,6 +168,7 @@ def test_bad_run_dir_is_a_clear_error(tmp_path):
 
 def test_ann_section_reads_benchmark_json(runs, tmp_path):
     from facetrec.report.build import Report, ReportOptions
+    from facetrec.report.runs import MissingInput
 
     bench = tmp_path / "index_recall_test.json"
     bench.write_text(json.dumps({"source": "unit test", "n": 1000, "k": 10, "rows": [
@@ -179,6 +180,11 @@ def test_ann_section_reads_benchmark_json(runs, tmp_path):
     assert [p.name for p, _ in section.figures] == ["ann_recall_latency.png"]
     assert rep.numbers["ann"][0]["rows"][2]["recall@10"] == 0.97
     assert _pixels(section.figures[0][0]).std() > 0.05
+    found = Report([runs["popularity-s0"]], tmp_path / "out2", ReportOptions(results_dir=tmp_path))  # found there
+    found.ann()
+    assert found.numbers["ann"][0]["source"].startswith("index_recall_test.json")
+    with pytest.raises(MissingInput):  # nothing given or found, and no model to sweep on
+        Report([runs["popularity-s0"]], tmp_path / "out3", ReportOptions(results_dir=tmp_path / "none")).ann()
 
 
 # ---------------------------------------------------------------- headless Chromium

@@ -68,6 +68,7 @@ class ReportOptions:
     top_m: int = 50  # items retrieved per interest for the category analysis
     seed: int = 0  # which users are sampled, the random splits
     ann_results: tuple[Path, ...] = ()  # benchmark JSON files (benchmarks/index_recall.py --out)
+    results_dir: Path = Path("benchmarks/results")  # where index_recall*.json are looked for when none are given
 
 
 class Report:
@@ -508,6 +509,8 @@ class Report:
         s = Section("ann", "ANN recall against latency")
         series: list[tuple[str, str, list[dict[str, Any]]]] = []  # (source, recall key, rows)
         files = list(self.opts.ann_results) + sorted(p for r in self.runs for p in r.path.glob("index_recall*.json"))
+        if not files and self.opts.results_dir.is_dir():
+            files = sorted(self.opts.results_dir.glob("index_recall*.json"))
         for f in files:
             try:
                 data = json.loads(Path(f).read_text())
@@ -530,7 +533,8 @@ class Report:
             es = retrieval_eval_set(lm.prep, "test", run.cfg.train.protocol, max_users=500, seed=self.opts.seed)
             V, valid = user_interests(lm.model, lm.prep, es.users, es.ends, lm.prep.max_history)
             rows = ann_sweep(items, np.ascontiguousarray(V[valid]), k=50)
-            s.notes.append(f"no benchmark JSON given (--ann-results, or index_recall*.json in a run directory): "
+            s.notes.append(f"no benchmark JSON (--ann-results, index_recall*.json in a run directory or in "
+                           f"{self.opts.results_dir}): "
                            f"swept index settings on {run.path}'s {len(items):,} item vectors, queries = "
                            f"{int(valid.sum()):,} interest vectors of test users")
             series.append((f"{run.label} item vectors (n={len(items)})", "recall@50", rows))
