@@ -96,3 +96,14 @@ def test_two_servers_share_one_redis_store(tiny, tiny_pipeline, redis_url, start
         assert via_a["items"] == via_b["items"]  # same artifact, same shared history -> same answer
         assert c.get(f"{a.url}/users/{user}/interests").json() == c.get(f"{b.url}/users/{user}/interests").json()
         assert c.get(f"{b.url}/users/{user}/interests").json()["history_length"] == 8
+
+
+@pytest.mark.parametrize("store, message", [("redis://127.0.0.1:1/0", "cannot be opened"),
+                                            ("postgres://db/x", "use sqlite:///path/to/state.db or redis://")])
+def test_serve_refuses_a_store_it_cannot_open(tiny, store, message):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "facetrec", "serve", str(tiny.artifact), "--store", store, "--port", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
