@@ -7,6 +7,14 @@ PyTorch's own (gloo on CPU, NCCL on GPU), the model is wrapped in DistributedDat
 the training loop, `train.batch_size` stays the global batch (each rank takes its slice of
 every global batch), logged losses are averaged over ranks, validation runs on rank 0 and is
 broadcast, and only rank 0 writes checkpoints, logs and metrics.
+
+N processes train like one process with the same global batch (tests/train/test_distributed.py
+checks it to float32 rounding): the sample order, the sampled negatives and MIND's routing
+logits depend on the seed and the epoch only; each rank's mean loss is weighted by its share of
+the global batch (`global_shares`); batch norms (Dice) use global-batch statistics
+(`GlobalBatchNorm`). In-batch negatives are refused with N > 1 (they would be per-rank); dropout
+draws differ per rank. A run that dies is resumed by launching the same command again: every
+rank loads run.dir/last.pt (the last finished epoch) and the epoch is replayed exactly.
 """
 
 from __future__ import annotations
