@@ -57,16 +57,15 @@ async def wait_ready(client, base: str, timeout: float = 120) -> None:
     raise RuntimeError("server did not become ready")
 
 
-def preload(version: Path, store_url: str) -> tuple[list, int]:
-    """Write every user's prepared history into the store; returns (raw user ids, events written)."""
+def preload(run: Path, store_url: str) -> tuple[list, int]:
+    """Write every user's history, from the prepared data of the training run `run`, into the
+    store; returns (raw user ids, events written)."""
     import polars as pl
 
     from facetrec.data.prepare import ensure_prepared
-    from facetrec.serving.artifacts import load_manifest
     from facetrec.serving.store import Event, open_store
     from facetrec.train.run import load_run_config
 
-    run = Path(load_manifest(version, verify=False)["parts"]["retrieval"]["run"])
     prep = ensure_prepared(load_run_config(run), verbose=False)
     ev = pl.read_parquet(prep / "events.parquet")
     users = pl.read_parquet(prep / "users.parquet").sort("id")
@@ -82,7 +81,7 @@ def preload(version: Path, store_url: str) -> tuple[list, int]:
     return [x for x in raw_user[1:]], len(u)
 
 
-def ann_recall_at(version: Path, users: int, k: int, seed: int) -> dict:
+def ann_recall_at(version: Path, users: int, k: int, seed: int, ef_search: list[int] | None = None) -> dict:
     """Recall@k of the artifact's index against an exact index, on the serving path (multi-interest
     search with the artifact's top_m, seen items excluded), for a sample of real user histories."""
     import torch
@@ -112,10 +111,19 @@ def ann_recall_at(version: Path, users: int, k: int, seed: int) -> dict:
     t0 = time.perf_counter()
     exact = build_index(all_item_vectors(p.retrieval, p.n_items), np.arange(1, p.n_items), kind="exact")
     build_s = time.perf_counter() - t0
-    approx_ids, _, _ = multi_interest_search(p.index, V, valid, p.top_m, k, exclude)
     exact_ids, _, _ = multi_interest_search(exact, V, valid, p.top_m, k, exclude)
-    return {"index": p.index.kind, "params": p.index.params, "k": k, "users": len(sample),
-            "recall": round(float(ann_recall(approx_ids, exact_ids)), 4), "exact_build_s": round(build_s, 1)}
+    approx_ids, _, _ = multi_interest_search(p.index, V, valid, p.top_m, k, exclude)
+    out = {"index": p.index.kind, "params": p.index.params, "k": k, "users": len(sample),
+           "recall": round(float(ann_recall(approx_ids, exact_ids)), 4), "exact_build_s": round(build_s, 1)}
+    if ef_search and p.index.kind == "hnsw":
+        out["by_efSearch"] = {}
+        for ef in ef_search:  # the same graph searched wider: recall against search time (wall, this machine)
+            p.index.efSearch = ef
+            t0 = time.perf_counter()
+            ids, _, _ = multi_interest_search(p.index, V, valid, p.top_m, k, exclude)
+            out["by_efSearch"][ef] = {"recall": round(float(ann_recall(ids, exact_ids)), 4),
+                                      "search_ms_per_user": round((time.perf_counter() - t0) / len(sample) * 1000, 2)}
+    return out
 
 
 def breakdown(version: Path, users: int, n: int, seed: int) -> dict:
@@ -268,12 +276,19 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--no-preload", action="store_true", help="start with an empty store (every user cold)")
+    ap.add_argument("--store", default=None,
+                    help="use this (already loaded) store instead of a fresh preloaded one, e.g. from --preload-only")
+    ap.add_argument("--preload-only", type=Path, default=None,
+                    help="only write the histories of the artifact's training data into this SQLite file, then exit")
     ap.add_argument("--sequential", type=int, default=0,
                     help="instead of the rate test: this many recommend requests one at a time (CPU cost per request)")
     ap.add_argument("--breakdown", type=int, default=0,
                     help="only: in-process CPU time of each pipeline stage over this many sampled users, no server")
     ap.add_argument("--ann-recall-users", type=int, default=0,
                     help="also measure the index's recall@100 against exact search for this many sampled users")
+    ap.add_argument("--ann-only", action="store_true", help="only the recall measurement, no server")
+    ap.add_argument("--ef-search", type=int, nargs="*", default=None,
+                    help="with --ann-recall-users on an HNSW artifact: also recall and search time at these efSearch")
     args = ap.parse_args()
     if args.rate * args.seconds > 100_000 or args.sequential > 100_000:
         raise SystemExit("refusing more than 100k requests in one run")
@@ -282,6 +297,20 @@ def main() -> None:
     import polars as pl
 
     version = resolve_version(args.artifact)
+    if args.ann_only:
+        res = {"ann_recall": ann_recall_at(version, args.ann_recall_users or 200, 100, args.seed, args.ef_search),
+               "artifact": str(version), "loadavg_1m": round(os.getloadavg()[0], 2)}
+        print(json.dumps(res, indent=2))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(res, indent=2))
+        return
+    if args.preload_only:
+        run = Path(json.loads((version / "manifest.json").read_text())["parts"]["retrieval"]["run"])
+        t0 = time.time()
+        users, preloaded = preload(run, f"sqlite:///{args.preload_only}")
+        print(f"{preloaded:,} events of {len(users):,} users written to {args.preload_only} in {time.time() - t0:.1f} s")
+        return
     if args.breakdown:
         res = {"breakdown": breakdown(version, args.breakdown, args.n, args.seed), "artifact": str(version)}
         print(json.dumps(res, indent=2))
@@ -292,12 +321,12 @@ def main() -> None:
     manifest = json.loads((version / "manifest.json").read_text())
     items = pl.read_parquet(version / "items.parquet")["raw_id"].to_list()
     workdir = Path(tempfile.mkdtemp(prefix="facetrec-load-"))
-    store = f"sqlite:///{workdir / 'state.db'}"
+    store = args.store or f"sqlite:///{workdir / 'state.db'}"
     t0 = time.time()
-    if args.no_preload:
+    if args.no_preload or args.store:
         users, preloaded = [str(u) for u in pl.read_parquet(version / "users.parquet")["raw_id"].to_list()], 0
     else:
-        users, preloaded = preload(version, store)
+        users, preloaded = preload(Path(manifest["parts"]["retrieval"]["run"]), store)
     print(f"store {store}: {preloaded:,} events of {len(users):,} users preloaded in {time.time() - t0:.1f} s", flush=True)
     users = list(np.random.default_rng(args.seed + 1).permutation(np.array(users, dtype=object)))  # Zipf rank -> user
     fm = json.loads((version / "feature_map.json").read_text())
