@@ -5,7 +5,7 @@ index over every item, its recall@100 against exact search and its latency.
 
 Stages run one after the other, each in a fresh Python process whose own peak RSS
 (getrusage ru_maxrss) is reported: synth (writes the TSV; not part of the pipeline), prepare
-(`facetrec prepare` on configs/synthetic.yaml), train (one MIND epoch with the training loop,
+(`facetrec prepare` on configs/synthetic.yaml), train (one MIND epoch, or --max-steps of it, with the training loop,
 then item vectors, the IVF-PQ build and the search measurements). Recall@100 compares the
 IVF-PQ top-100 with the exact top-100 for interest vectors of held-out test users (each
 valid interest is one query); latency is per query, one query at a time, one thread.

@@ -13,7 +13,6 @@ Run directory:
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import math
@@ -114,12 +113,10 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: i
 
         global_batchnorm(model)  # batch statistics of the global batch, not of this rank's slice
         device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
-        # no buffer broadcast before every forward: the models' buffers are constants (item
-        # attribute tables) or batch-norm statistics that every rank updates alike from the
-        # global batch (torch >= 2.13 renamed the option)
-        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                   else {"broadcast_buffers": False})
-        step_module = DistributedDataParallel(step_module, device_ids=device_ids, **no_sync)
+        # buffers stay broadcast from rank 0 before every forward (DDP's default): for MIND / DIEN
+        # they are constants or global-batch statistics, alike on every rank anyway, but models
+        # with memories updated in training (UIE's cluster centres) would otherwise drift apart
+        step_module = DistributedDataParallel(step_module, device_ids=device_ids)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"epoch": 0, "step": 0, "best": -math.inf, "best_epoch": 0, "bad": 0, "seconds": 0.0, "best_valid": {}}
     last = run_dir / "last.pt"
