@@ -66,7 +66,7 @@ def test_cli_export_makes_a_new_current_version(tiny, tmp_path, monkeypatch):
     v = resolve_version(out)
     assert r.stdout.strip() == f"exported {v}"
     m = load_manifest(v)
-    assert m["index"]["kind"] == "hnsw" and m["index"]["params"] == {"efSearch": 64}
+    assert m["index"]["kind"] == "hnsw" and m["index"]["params"]["efSearch"] == 64 and "M" in m["index"]["params"]
     p = Pipeline(out)
     assert p.index.kind == "hnsw" and p.n_candidates == 40
     bad = subprocess.run([sys.executable, "-m", "facetrec", "export", "--retrieval", str(tiny.mind), "--out", str(out),

@@ -114,7 +114,7 @@ def export(retrieval_run: str | Path, out: str | Path, ranking_run: str | Path |
             _save_weights(kmodel, d / "ranking.safetensors")
             parts["ranking"] = {"model": kname, "run": str(ranking_run), "feature_map_sha256": fm_hash,
                                 "candidates": candidates}
-        return {"parts": parts, "index": {"kind": kind, "params": params, "items": int(len(ids)), "dim": int(vectors.shape[1])},
+        return {"parts": parts, "index": {"kind": kind, "params": dict(index.params), "items": int(len(ids)), "dim": int(vectors.shape[1])},
                 "dataset": prep.feature_map.get("dataset")}
 
     return write_version(out, write)
