@@ -124,7 +124,7 @@ def test_non_numeric_timestamp_names_line(tmp_path):
 
 def test_truncated_last_line_fails_then_lenient_counts(tmp_path):
     _write(tmp_path / "ub.csv", "1,100,7,pv,1511544070\n1,101,8,pv,1511544080\n1,102,8,pv")
-    with pytest.raises(DataError, match=r"ub.csv, line 3: has 4 of 5 fields \(the last line: the file looks truncated\)"):
+    with pytest.raises(DataError, match=r"ub.csv, line 3: has 4 of 5 fields \(the last line, after 2 complete lines: the file looks truncated\)"):
         read_log(DataConfig(format="taobao", root=str(tmp_path), interactions="ub.csv"))
     log = read_log(DataConfig(format="taobao", root=str(tmp_path), interactions="ub.csv"), lenient=True)
     assert log.events.height == 2 and log.skipped == {"missing field": 1}

@@ -158,7 +158,8 @@ def _validate_events(df: pl.DataFrame, path: Path, n_fields: int, lenient: bool,
             text = _line_text(path, line)
             if first["time"] is None or first["user"] is None or first["item"] is None:
                 got = len(text.split(_sep_of(path, text))) if text else 0
-                trunc = " (the last line: the file looks truncated)" if line == df[LINE].max() else ""
+                trunc = (f" (the last line, after {line - 1:,} complete lines: the file looks truncated)"
+                         if line == df[LINE].max() else "")
                 why = f"has {got} of {n_fields} fields{trunc}: {text!r}"
             else:
                 why = f"timestamp {first['time']!r} is not a number"
