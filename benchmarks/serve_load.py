@@ -36,11 +36,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(artifact: Path, port: int, workers: int, store: str, log: Path) -> subprocess.Popen:
+def start_server(artifact: Path, port: int, workers: int, store: str, log: Path,
+                 search_params: list[str] | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(log, "ab") as f:
         return subprocess.Popen([sys.executable, "-m", "facetrec", "serve", str(artifact), "--host", "127.0.0.1",
-                                 "--port", str(port), "--workers", str(workers), "--store", store],
+                                 "--port", str(port), "--workers", str(workers), "--store", store,
+                                 *[a for kv in search_params or [] for a in ("--search-param", kv)]],
                                 env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -271,6 +273,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=50)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--search-param", action="append", default=[], help="passed to `facetrec serve --search-param`, e.g. efSearch=2048")
     ap.add_argument("--n", type=int, default=20, help="recommendations per request")
     ap.add_argument("--zipf", type=float, default=1.1)
     ap.add_argument("--seed", type=int, default=0)
@@ -335,7 +338,7 @@ def main() -> None:
         users = [int(u) for u in users]
 
     port = free_port()
-    proc = start_server(version, port, args.workers, store, workdir / "server.log")
+    proc = start_server(version, port, args.workers, store, workdir / "server.log", args.search_param)
     load_before = os.getloadavg()
     try:
         if args.sequential:
@@ -351,7 +354,7 @@ def main() -> None:
             os.killpg(proc.pid, signal.SIGKILL)
     if args.ann_recall_users:
         res["ann_recall"] = ann_recall_at(version, args.ann_recall_users, 100, args.seed)
-    res.update({"rate": args.rate, "seconds": args.seconds, "workers": args.workers, "n": args.n, "artifact": str(version),
+    res.update({"search_params": args.search_param, "rate": args.rate, "seconds": args.seconds, "workers": args.workers, "n": args.n, "artifact": str(version),
                 "index": manifest.get("index", {}), "top_m": manifest["parts"]["retrieval"].get("top_m"),
                 "candidates": manifest["parts"].get("ranking", {}).get("candidates"),
                 "ranking": manifest["parts"].get("ranking", {}).get("model"),

@@ -125,6 +125,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind."),
     port: int = typer.Option(8000, help="Port to bind."),
     workers: int = typer.Option(1, help="Server processes (use a redis:// store to share state between hosts)."),
+    search_param: Optional[List[str]] = typer.Option(
+        None, "--search-param", help="Index search parameter KEY=INT without re-exporting: efSearch (hnsw), nprobe (ivf, ivfpq)."),
 ) -> None:
     """Serve recommendations over HTTP (FastAPI + uvicorn): POST /recommend, POST /events, GET /users/{id}/interests."""
     import os
@@ -135,9 +137,17 @@ def serve(
     from facetrec.serving.pipeline import Pipeline
     from facetrec.serving.store import open_store
 
+    import json
+
+    params: dict[str, int] = {}
+    for kv in search_param or []:
+        key, _, value = kv.partition("=")
+        if not key or not value.strip().isdigit():
+            _fail(FacetrecError(f"--search-param {kv!r}: write KEY=INT, e.g. efSearch=1024"))
+        params[key.strip()] = int(value)
     try:
         version = resolve_version(artifact)
-        Pipeline(version)  # refuse a broken or inconsistent artifact before starting workers
+        Pipeline(version, search_params=params)  # refuse a broken or inconsistent artifact before starting workers
         open_store(store).close()
     except FacetrecError as e:
         _fail(e)
@@ -145,6 +155,7 @@ def serve(
         _fail(RuntimeError(f"store {store!r} cannot be opened: {e}"))
     os.environ["FACETREC_ARTIFACT"] = str(version)
     os.environ["FACETREC_STORE"] = store
+    os.environ["FACETREC_SEARCH_PARAMS"] = json.dumps(params)
     uvicorn.run("facetrec.serving.app:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level="warning", limit_concurrency=512, timeout_keep_alive=30)
 

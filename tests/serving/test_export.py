@@ -69,6 +69,9 @@ def test_cli_export_makes_a_new_current_version(tiny, tmp_path, monkeypatch):
     assert m["index"]["kind"] == "hnsw" and m["index"]["params"]["efSearch"] == 64 and "M" in m["index"]["params"]
     p = Pipeline(out)
     assert p.index.kind == "hnsw" and p.n_candidates == 40
+    assert Pipeline(out, search_params={"efSearch": 500}).index.efSearch == 500  # serve --search-param
+    with pytest.raises(ArtifactError, match="'nprobe' does not apply to this artifact's hnsw index; it takes efSearch"):
+        Pipeline(out, search_params={"nprobe": 8})
     bad = subprocess.run([sys.executable, "-m", "facetrec", "export", "--retrieval", str(tiny.mind), "--out", str(out),
                           "--index-param", "efSearch"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "KEY=INT" in bad.stderr
@@ -183,3 +186,4 @@ def test_current_pointing_nowhere_is_refused(tiny, tmp_path):
 
 def test_artifact_files_are_readable_by_others(tiny):
     assert all(os.stat(p).st_mode & 0o044 == 0o044 for p in tiny.version.iterdir())
+

@@ -381,7 +381,9 @@ def app_from_env() -> FastAPI:
         faiss.omp_set_num_threads(1)  # likewise for the index search: workers are the parallelism
     except ImportError:  # pragma: no cover - exact numpy index without the `ann` extra
         pass
-    pipeline = Pipeline(os.environ["FACETREC_ARTIFACT"])
+    import json
+
+    pipeline = Pipeline(os.environ["FACETREC_ARTIFACT"], search_params=json.loads(os.environ.get("FACETREC_SEARCH_PARAMS", "{}")))
     pipeline.warm_up()
     store = open_store(os.environ.get("FACETREC_STORE", "sqlite:///runs/state.db"))
     return create_app(pipeline, store)

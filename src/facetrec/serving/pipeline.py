@@ -87,7 +87,8 @@ class Pipeline:
             (feature map, model configs, weights and index must describe one catalogue).
     """
 
-    def __init__(self, artifact: str | Path, explain_top: int = 3, max_exclude: int = 1000) -> None:
+    def __init__(self, artifact: str | Path, explain_top: int = 3, max_exclude: int = 1000,
+                 search_params: dict[str, int] | None = None) -> None:
         from facetrec.index.ann import load_index
 
         self.version_dir = resolve_version(artifact)
@@ -123,6 +124,7 @@ class Pipeline:
             self.index = load_index(d / "index.faiss")
         except (ValueError, RuntimeError, OSError) as e:
             raise ArtifactError(f"{d / 'index.faiss'} cannot be read ({e}); export again") from None
+        self.set_search_params(search_params or {})
         dim = int(self.retrieval.cfg.dim)
         if self.index.ntotal != self.n_items - 1 or self.index.dim != dim:
             raise ArtifactError(f"{d / 'index.faiss'} holds {self.index.ntotal} vectors of dim {self.index.dim}, but the "
@@ -244,6 +246,25 @@ class Pipeline:
         out = [Recommended(self.raw_items[int(ids[i])], float(final[i]), float(scores[i]), int(which[i]),
                            why[int(which[i])].behaviours) for i in order]
         return self._fill(out, n, np.concatenate([seen, ids]))
+
+    SEARCH_PARAMS = {"hnsw": ("efSearch",), "ivf": ("nprobe",), "ivfpq": ("nprobe",), "exact": ()}
+
+    def set_search_params(self, params: dict[str, int]) -> None:
+        """Change the index's search-time parameters (HNSW efSearch, IVF nprobe) without rebuilding it.
+
+        Raises:
+            ArtifactError: a parameter the artifact's index kind does not take at search time.
+        """
+        kind = getattr(self.index, "kind", "exact")
+        allowed = self.SEARCH_PARAMS.get(kind, ())
+        for key, value in params.items():
+            if key not in allowed:
+                raise ArtifactError(f"search parameter {key!r} does not apply to this artifact's {kind} index; "
+                                    f"it takes {', '.join(allowed) or 'none'}")
+            try:
+                setattr(self.index, key, int(value))
+            except (ValueError, TypeError) as e:
+                raise ArtifactError(f"search parameter {key}={value!r}: {e}") from None
 
     def warm_up(self) -> None:
         """Run every history length once, so that first requests do not pay for TorchScript's
