@@ -21,10 +21,10 @@ from facetrec.data.dataset import Prepared, retrieval_eval_set
 from facetrec.data.prepare import ensure_prepared
 from facetrec.errors import ConfigError
 from facetrec.io import write_json
+from facetrec.train.build import MULTITASK, RANKING, RETRIEVAL
 from facetrec.train.loop import FitResult, fit, load_checkpoint
 
-ALL_MODELS = ("mind", "youtubednn", "popularity", "dien", "din", "base", "ple", "ple-uie")
-MULTITASK = ("ple", "ple-uie")
+ALL_MODELS = ("popularity", *RETRIEVAL, *RANKING, *MULTITASK)
 
 
 def model_name(cfg: Config) -> str:
