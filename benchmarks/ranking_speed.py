@@ -8,7 +8,7 @@ latency — ours and the peers' (torch-rechub DIEN, DeepCTR-Torch DIEN) in one p
     .venv/bin/python benchmarks/ranking_speed.py --only dien,serve --loops compile  # torch.compile'd forward loops (compiles for minutes)
 
 The peers live in their own virtualenv so that they never touch the project's:
-    python3 -m venv .bench-venv && .bench-venv/bin/pip install torch==2.13.0 torch-rechub deepctr-torch requests
+    python3 -m venv .bench-venv && .bench-venv/bin/pip install torch==2.13.0 torch-rechub deepctr-torch requests pyyaml
 (torch-rechub 0.9.0 and deepctr-torch 0.3.0 accept torch 2.13; deepctr-torch imports `requests`
 without declaring it.) A peer that does not import is skipped with a message.
 
@@ -64,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs fro
 from facetrec.data.batches import RankingBatch  # noqa: E402
 from facetrec.models import dien as dien_mod  # noqa: E402
 from facetrec.models.dien import DIEN, DIN, BaseModel, DIENConfig, ranking_loss  # noqa: E402
+from facetrec.train.loop import make_optimizer  # noqa: E402
 
 
 # ---------------------------------------------------------------- workload
@@ -138,7 +139,7 @@ def time_calls(call: Callable[[], object], n: int, warmup: int = 10) -> dict[str
 
 
 def ours_step(model: torch.nn.Module, batches: list[RankingBatch]) -> Callable[[int], None]:
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = make_optimizer(model.parameters(), lr=1e-3)  # the optimizer `facetrec train` uses
 
     def step(i: int) -> None:
         loss, _ = ranking_loss(model, batches[i % len(batches)])

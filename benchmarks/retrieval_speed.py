@@ -80,6 +80,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs fro
 from facetrec.data.batches import RetrievalBatch  # noqa: E402
 from facetrec.models.losses import NegativeSampler, retrieval_loss  # noqa: E402
 from facetrec.models.mind import MIND, MINDConfig  # noqa: E402
+from facetrec.train.loop import make_optimizer  # noqa: E402
 
 
 # ---------------------------------------------------------------- workload
@@ -118,7 +119,7 @@ def interleaved(runs: dict[str, Callable[[int], None]], batch: int, warmup: int,
 
 
 def ours_train_step(model: MIND, batches: list[RetrievalBatch], sampler: NegativeSampler, n_neg: int) -> Callable[[int], None]:
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = make_optimizer(model.parameters(), lr=1e-3)  # the optimizer `facetrec train` uses
 
     def step(i: int) -> None:
         loss = retrieval_loss(model, batches[i % len(batches)], sampler, n_neg)
