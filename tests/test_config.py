@@ -20,6 +20,14 @@ def test_wrong_type_is_rejected():
         load_config(None, ["train.epochs=three"])
 
 
+def test_scientific_notation_is_a_number():
+    """PyYAML (YAML 1.1) reads `1e-6` as a string; a float key still takes it, a string key keeps it."""
+    cfg = load_config(None, ["train.weight_decay=1e-6", "train.lr=2.5E-4", "run.dir=1e-6"])
+    assert cfg.train.weight_decay == 1e-6 and cfg.train.lr == 2.5e-4 and cfg.run.dir == "1e-6"
+    with pytest.raises(ConfigError, match="train.lr: expected a number"):
+        load_config(None, ["train.lr=1e-"])
+
+
 def test_override_without_equals_explains_the_form():
     with pytest.raises(ConfigError, match="dotted.key=value"):
         load_config(None, ["train.epochs"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, get_args, get_origin, get_type_hints
@@ -95,6 +96,7 @@ class TrainConfig:
     n_negatives: int = 1000  # retrieval: sampled negatives per batch
     negatives: str = "uniform"  # retrieval: uniform | popularity
     in_batch_negatives: bool = False
+    resample_negatives: bool = False  # ranking: draw the training negatives afresh every epoch (prepare's rule)
     protocol: str = "user_split"  # retrieval: user_split | leave_last_out
     top_m: int = 200  # retrieval eval: candidates per interest
     index: str = "exact"  # exact | hnsw | ivf | ivfpq
@@ -156,11 +158,15 @@ def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
         raise ConfigError(f"unknown key(s) {', '.join(where + k for k in unknown)}; valid keys: {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value, f"{where}{name}")
+        kwargs[name] = coerce(hints[name], value, f"{where}{name}")
     return cls(**kwargs)
 
 
-def _coerce(tp: Any, value: Any, key: str) -> Any:
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def coerce(tp: Any, value: Any, key: str) -> Any:
+    """`value` (from YAML or a --set override) as type `tp`, or a ConfigError naming `key`."""
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key + ".")
@@ -171,7 +177,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             value = [value]
         args = get_args(tp)
         inner = args[0] if args else Any
-        return tuple(_coerce(inner, v, key) for v in value)
+        return tuple(coerce(inner, v, key) for v in value)
     if origin is dict:
         if value is None:
             return {}
@@ -187,6 +193,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 (PyYAML) reads 1e-6 as a string: it needs 1.0e-6
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -83,6 +83,23 @@ def test_ranking_negatives_never_in_history(synth_prepared):
     assert (split[pos["pos"].to_numpy() == last - 1] == "valid").all()
 
 
+def test_fresh_training_negatives_follow_the_same_rule(synth_prepared):
+    """train.resample_negatives: new label-0 targets outside the user's items; positives unchanged; seeded."""
+    from facetrec.data.dataset import ranking_samples
+    from facetrec.train.ranking import fresh_negatives
+
+    prep = Prepared(synth_prepared[0])
+    s = ranking_samples(prep, "train")
+    a, a2, b = fresh_negatives(prep, s, 1), fresh_negatives(prep, s, 1), fresh_negatives(prep, s, 2)
+    neg = s.label == 0
+    assert (a.target[~neg] == s.target[~neg]).all() and (a.user == s.user).all() and (a.pos == s.pos).all()
+    assert (a.target == a2.target).all() and (a.target[neg] != b.target[neg]).mean() > 0.9
+    assert (a.target[neg] != s.target[neg]).mean() > 0.9
+    seen = set(zip(np.repeat(np.arange(1, prep.n_users), prep.counts[1:]).tolist(), prep.items.tolist()))
+    assert not any((u, i) in seen for u, i in zip(s.user[neg].tolist(), a.target[neg].tolist()))
+    assert a.target[neg].min() >= 1 and a.target[neg].max() < prep.n_items
+
+
 def test_user_split_protocol_history_and_targets(synth_prepared):
     prep = Prepared(synth_prepared[0])
     ev = retrieval_eval_set(prep, "test", "user_split")

@@ -244,8 +244,9 @@ def test_aux_loss_ignores_padding_and_alpha_0_removes_it():
     assert torch.equal(total0, F.binary_cross_entropy_with_logits(m0(b), b.label))
 
 
-def test_attention_sums_to_one_over_real_steps_and_is_zero_on_padding():
-    m = make()
+@pytest.mark.parametrize("attention", ["bilinear", "mlp"])
+def test_attention_sums_to_one_over_real_steps_and_is_zero_on_padding(attention):
+    m = make(attention=attention)
     b = batch(lengths=(3, 7, 1, 0, 5))  # an empty history too
     a = m.attention(b)
     assert torch.all(a[~b.hist_mask] == 0)
@@ -274,9 +275,9 @@ def test_a_mask_with_holes_is_refused_with_a_hint():
 # ---------------------------------------------------------------- serving
 
 
-@pytest.mark.parametrize("evolution", EVOLUTIONS)
-def test_score_candidates_equals_forward_on_the_repeated_batch(evolution):
-    m = make(evolution=evolution, activation="dice", n_users=10).eval()  # eval: Dice uses its running statistics
+@pytest.mark.parametrize("evolution,attention", [(e, "bilinear") for e in EVOLUTIONS] + [("augru", "mlp")])
+def test_score_candidates_equals_forward_on_the_repeated_batch(evolution, attention):
+    m = make(evolution=evolution, attention=attention, activation="dice", n_users=10).eval()  # eval: Dice uses its running statistics
     hist = torch.tensor([5, 9, 2, 31, 7, 0, 0])
     cands = torch.tensor([1, 4, 9, 33, 17])
     b = RankingBatch(user=torch.full((5,), 3), hist=hist.expand(5, -1), hist_mask=(hist > 0).expand(5, -1),
@@ -300,8 +301,9 @@ def test_din_and_base_serve_the_same_as_forward():
 # ---------------------------------------------------------------- gradients and baselines
 
 
-def test_gradients_reach_every_dien_parameter_but_not_the_padding_rows():
-    m = make(n_users=10)
+@pytest.mark.parametrize("attention", ["bilinear", "mlp"])
+def test_gradients_reach_every_dien_parameter_but_not_the_padding_rows(attention):
+    m = make(n_users=10, attention=attention)
     total, _ = ranking_loss(m, batch(junk=True))
     total.backward()
     for name, p in m.named_parameters():

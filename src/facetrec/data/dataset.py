@@ -66,6 +66,14 @@ class Prepared:
         with np.load(self.path / "item_features.npz", allow_pickle=False) as z:
             self.item_features = {k: z[k].astype(np.int64) for k in z.files}
         self.field_vocab = {k: int(v["vocab"]) for k, v in self.feature_map["item_fields"].items()}
+        self._pair_keys: np.ndarray | None = None
+
+    def pair_keys(self) -> np.ndarray:
+        """Sorted user * n_items + item over all events: `data.prepare.sample_negatives_for_users`' membership test."""
+        if self._pair_keys is None:
+            users = np.repeat(np.arange(self.n_users, dtype=np.int64), self.counts)
+            self._pair_keys = np.sort(users * self.n_items + self.items)
+        return self._pair_keys
 
     def feature_tensors(self) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v) for k, v in self.item_features.items()}

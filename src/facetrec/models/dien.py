@@ -68,12 +68,16 @@ class DIENConfig:
     activation: str = "dice"  # dice | prelu, in the output MLP and DIN's attention MLP
     attention_mlp: tuple[int, ...] = (80, 40)  # DIN only: the attention unit's hidden sizes
     n_users: int = 0  # > 0: a user-id embedding (embed_dim wide) enters the output MLP; ids >= n_users count as unknown (0)
+    attention: str = "bilinear"  # DIEN: a_t ∝ exp(h_t · W e_a) (paper) | "mlp": DIN's unit over [q, h_t, q − h_t, q ∘ h_t], q = W e_a (official TF code)
+    pooled_product: bool = True  # DIEN: Σ e_b ∘ e_a also enters the output MLP (as in the official TF code; the base model's feature)
 
     def __post_init__(self) -> None:
         if self.n_items < 2:
             raise ValueError(f"n_items = {self.n_items}: need padding 0 and at least one real item")
         if self.embed_dim < 1 or self.hidden < 0 or self.evolve_hidden < 0 or self.n_users < 0:
             raise ValueError("embed_dim must be >= 1; hidden, evolve_hidden and n_users >= 0 (0 = default / off)")
+        if self.attention not in ("bilinear", "mlp"):
+            raise ValueError(f"attention {self.attention!r} must be 'bilinear' or 'mlp'")
         if self.evolution not in EVOLUTIONS:
             raise ValueError(f"evolution {self.evolution!r} must be one of {', '.join(EVOLUTIONS)}")
         if self.activation not in ("dice", "prelu"):
@@ -543,10 +547,15 @@ class DIEN(nn.Module):
         self.extractor = nn.GRUCell(D, H)
         self.aux_proj = nn.Linear(H, D, bias=False) if H != D and cfg.aux_alpha > 0 else None
         self.att_w = nn.Linear(D, H, bias=False)  # a_t ∝ exp(h_t · W e_a)
+        self.att_mlp: Optional[nn.Module] = None
+        if cfg.attention == "mlp":
+            unit = MLP(4 * H, cfg.attention_mlp, cfg.activation)
+            self.att_mlp = nn.Sequential(unit, nn.Linear(unit.out_dim, 1))
         self.evolver = nn.GRUCell(H, H2)
         self.target_proj = nn.Linear(D, H2, bias=False) if H2 != D else None  # e_a in H' for h'_T ∘ e_a
         self.user = _user_embedding(cfg)
-        self.head = _output_mlp(cfg, 2 * H2 + 2 * D + (cfg.embed_dim if self.user is not None else 0))
+        self.head = _output_mlp(cfg, 2 * H2 + (3 if cfg.pooled_product else 2) * D
+                                + (cfg.embed_dim if self.user is not None else 0))
         self._evolution = EVOLUTIONS.index(cfg.evolution)
 
     # ---------------------------------------------------------------- parts, on packed histories
@@ -559,10 +568,16 @@ class DIEN(nn.Module):
 
     def _attend(self, h: torch.Tensor, e_a: torch.Tensor, p: Packed) -> torch.Tensor:
         """a_t = softmax_t(h_t W e_a) over real steps (SPEC §3.3): h (P, H), e_a (B, D) sorted -> (P,)."""
-        q = self.att_w(e_a)  # (B, H)
-        s = (h * q.index_select(0, p.row)).sum(-1)  # (P,)
+        s = self._scores(h, self.att_w(e_a).index_select(0, p.row))  # (P,)
         dense = s.new_full(p.mask.shape, torch.finfo(s.dtype).min).masked_scatter(p.mask, s)  # (T, B)
         return torch.softmax(dense, dim=0)[p.mask]
+
+    def _scores(self, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """Attention logits of states h (..., H) against matching queries q = W e_a (..., H) -> (...)."""
+        if self.att_mlp is None:
+            return (h * q).sum(-1)
+        x = torch.cat([q, h, q - h, q * h], dim=-1)
+        return self.att_mlp(x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1])
 
     def _evolve(self, h: torch.Tensor, att: torch.Tensor, p: Packed) -> torch.Tensor:
         """Interest evolving (SPEC §3.3): h (P, H), att (P,) -> state after each row's last step (B, H')."""
@@ -577,9 +592,10 @@ class DIEN(nn.Module):
         return S.index_select(0, p.final_rows)  # past a row's end its state does not change
 
     def _logits(self, h_T: torch.Tensor, e_a: torch.Tensor, pooled: torch.Tensor, users: List[torch.Tensor]) -> torch.Tensor:
-        """Output MLP over [h'_T, e_a, h'_T ∘ e_a, Σ e_b, user] (SPEC §3.4) -> (B,)."""
+        """Output MLP over [h'_T, e_a, h'_T ∘ e_a, Σ e_b, (Σ e_b ∘ e_a,) user] (SPEC §3.4) -> (B,)."""
         e_q = e_a if self.target_proj is None else self.target_proj(e_a)  # (B, H')
-        return self.head(torch.cat([h_T, e_a, h_T * e_q, pooled] + users, dim=-1)).squeeze(-1)
+        parts = [h_T, e_a, h_T * e_q, pooled] + ([pooled * e_a] if self.cfg.pooled_product else [])
+        return self.head(torch.cat(parts + users, dim=-1)).squeeze(-1)
 
     def _aux(self, h: torch.Tensor, src: torch.Tensor, e_next: torch.Tensor, e_neg: torch.Tensor) -> torch.Tensor:
         """SPEC §3.2 on packed tensors: h (P, H); for the M positions t (src) whose t + 1 is real, the
@@ -678,7 +694,9 @@ class DIEN(nn.Module):
         else:
             e = self.items(ids)  # (L, D)
             h = gated_scan(F.linear(e, c1.weight_ih, c1.bias_ih), c1.weight_hh, c1.bias_hh, None, [1] * L, UPDATE)[1:]  # (L, H)
-            att = torch.softmax(self.att_w(e_a) @ h.T, dim=1)  # (N, L)
+            q = self.att_w(e_a)  # (N, H)
+            scores = q @ h.T if self.att_mlp is None else self._scores(h.expand(N, -1, -1), q[:, None].expand(-1, L, -1))
+            att = torch.softmax(scores, dim=1)  # (N, L)
             proj = h @ c2.weight_ih.T  # (L, 3H'): shared by every candidate
             h_T = _evolve_candidates_c(proj, c2.bias_ih, c2.weight_hh, c2.bias_hh, att.t().contiguous(), self._evolution)
             pooled = e.sum(0).expand(N, -1)  # (N, D)

@@ -199,7 +199,7 @@ class PLE(nn.Module):
         self.dien: Optional[DIEN] = None
         if cfg.sequence == "dien":
             dcfg = DIENConfig(n_items=cfg.n_items, embed_dim=cfg.embed_dim, category_field=cfg.category_field, hidden=cfg.hidden,
-                              evolve_hidden=cfg.evolve_hidden, evolution=cfg.evolution, aux_alpha=cfg.aux_alpha, mlp=(1,),
+                              evolve_hidden=cfg.evolve_hidden, evolution=cfg.evolution, aux_alpha=cfg.aux_alpha, mlp=(1,), pooled_product=False,
                               activation="prelu")
             self.dien = DIEN(dcfg, item_features, field_vocab)
             self.dien.head = nn.Identity()  # PLE replaces DIEN's output MLP

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any
 
 import torch
 
+from facetrec.config import coerce
 from facetrec.errors import ConfigError
 
 RETRIEVAL = ("mind", "youtubednn")
@@ -59,10 +61,9 @@ def make_config(name: str, params: dict[str, Any], n_items: int):
         raise ConfigError(f"unknown model key(s) {', '.join('model.' + k for k in unknown)} for {name}; "
                           f"valid: {', '.join(sorted(names - {'n_items'}))}")
     params["n_items"] = n_items
-    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     for k, v in params.items():
-        if isinstance(v, list) and "tuple" in str(hints.get(k, "")):
-            params[k] = tuple(v)
+        params[k] = coerce(hints[k], v, f"model.{k}")  # types checked as for the other sections
     try:
         return cls(**params)
     except (TypeError, ValueError) as e:

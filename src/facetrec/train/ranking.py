@@ -14,6 +14,7 @@ import torch
 
 from facetrec.config import Config
 from facetrec.data.dataset import Prepared, RankingSamples, minibatches, ranking_batch, ranking_samples
+from facetrec.data.prepare import sample_negatives_for_users
 from facetrec.eval.metrics import auc, bucket_of, gauc, logloss
 from facetrec.models import dien as dien_mod
 from facetrec.train.build import build_model, make_config
@@ -56,6 +57,15 @@ def ranking_metrics(s: RankingSamples, probs: np.ndarray) -> dict[str, Any]:
     return out
 
 
+def fresh_negatives(prep: Prepared, s: RankingSamples, seed: int) -> RankingSamples:
+    """`s` with every negative (label 0) target redrawn by prepare's rule: an item the user never
+    interacted with. Positives, histories and the sample order are unchanged."""
+    neg = s.label == 0
+    target = s.target.copy()
+    target[neg] = sample_negatives_for_users(np.random.default_rng(seed), s.user[neg], prep.n_items, prep.pair_keys())
+    return RankingSamples(s.user, s.pos, target, s.label)
+
+
 def ranking_task(cfg: Config, prep: Prepared, model: torch.nn.Module, device: torch.device | str = "cpu",
                  rank: int = 0, world: int = 1) -> Task:
     train = ranking_samples(prep, "train")
@@ -63,8 +73,10 @@ def ranking_task(cfg: Config, prep: Prepared, model: torch.nn.Module, device: to
     bs = cfg.train.batch_size
 
     def batches(seed: int):
-        for idx in minibatches(len(train), bs, True, seed, rank, world):
-            yield ranking_batch(prep, train, idx, prep.max_history).to(device)
+        # fresh negatives per epoch seed: the same draw on every rank
+        epoch = fresh_negatives(prep, train, seed) if cfg.train.resample_negatives else train
+        for idx in minibatches(len(epoch), bs, True, seed, rank, world):
+            yield ranking_batch(prep, epoch, idx, prep.max_history).to(device)
 
     def loss(batch):
         # samples, and auxiliary-loss positions (t whose t + 1 is real; histories are left-aligned)
