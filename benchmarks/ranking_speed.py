@@ -99,6 +99,20 @@ def flops_dien_step(m: DIEN, b: RankingBatch) -> float:
     return 3 * 2 * fwd
 
 
+def flops_dien_serve(m: DIEN, L: int, N: int) -> float:
+    """Matmul FLOPs of `score_candidates` for one history of L and N candidates: the extractor and the
+    evolving GRU's input projection once, then per candidate the attention, the AUGRU's hidden side
+    over L steps (the bulk: N L H' 3H'), the target projection and the output MLP."""
+    D = m.items.dim
+    H, H2 = m.extractor.hidden_size, m.evolver.hidden_size
+    head_in = m.head[0].net[0].in_features
+    mlp = [head_in] + list(m.cfg.mlp) + [1]
+    once = L * D * 3 * H + L * H * 3 * H + L * H * 3 * H2
+    per = (D * H + L * H + L * H2 * 3 * H2 + (D * H2 if m.target_proj is not None else 0)
+           + sum(a * c for a, c in zip(mlp[:-1], mlp[1:])))
+    return 2 * (once + N * per)
+
+
 def matmul_gflops(n: int, k: int, m: int, seconds: float = 1.0) -> float:
     a, b = torch.randn(n, k), torch.randn(k, m)
     c = torch.empty(n, m)
@@ -346,13 +360,19 @@ def main() -> None:
         mask = torch.ones(args.hist, dtype=torch.bool)
         cands = torch.randint(1, args.items, (args.candidates,), generator=torch.Generator().manual_seed(4))
         D_b = 2 * args.dim
+        peak1 = matmul_gflops(2048, 2048, 2048)
+        res["serve_matmul_2048_gflops_1thread"] = peak1
+        print(f"  plain matmul on 1 thread in this run: 2048^3 {peak1:.0f} GFLOP/s")
         for w in [0] + [int(x) for x in args.widths.split(",") if x]:
             torch.manual_seed(0)
             m = DIEN(DIENConfig(n_items=args.items, embed_dim=args.dim, evolve_hidden=w), feats, vocab).eval()
             name = f"facetrec DIEN H'={w or D_b}"
             r = time_calls(lambda: m.score_candidates(hist, mask, cands), args.serve_calls)
+            flops = flops_dien_serve(m, args.hist, args.candidates)
+            r["gflop"], r["gflops_at_p50"] = flops / 1e9, flops / (r["p50_ms"] / 1e3) / 1e9
             res["serve"][name] = r
-            print(f"  {name:<28} p50 {r['p50_ms']:6.1f} ms   p99 {r['p99_ms']:6.1f} ms", flush=True)
+            print(f"  {name:<28} p50 {r['p50_ms']:6.1f} ms   p99 {r['p99_ms']:6.1f} ms   {r['gflop']:.2f} GFLOP "
+                  f"-> {r['gflops_at_p50']:.0f} GFLOP/s at p50", flush=True)
         one = RankingBatch(user=torch.ones(args.candidates, dtype=torch.long), hist=hist.expand(args.candidates, -1),
                            hist_mask=mask.expand(args.candidates, -1),
                            aux_neg=torch.randint(1, args.items, (args.candidates, args.hist)), target=cands,
