@@ -51,10 +51,11 @@ def main() -> None:
                           progress=False)
             results.setdefault(name, []).append(m)
             print(f"{name} seed {seed}: " + " ".join(f"{k} {m['test'][k]:.4f}" for k in METRICS)
+                  + f"  valid auc {m['train']['best_valid']['auc']:.4f} (epoch {m['train']['best_epoch']})"
                   + f"  ({m['train']['seconds']:.0f} s)", flush=True)
 
-    print("\n| model | AUC | GAUC | logloss | AUC <=5 events | train s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\n| model | AUC | GAUC | logloss | AUC <=5 events | valid AUC | train s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     summary = {}
     for name, runs in results.items():
         row = {}
@@ -64,6 +65,8 @@ def main() -> None:
         sparse = [r["buckets"].get("<=5", {}).get("auc") for r in runs]
         sparse = [s for s in sparse if s is not None]
         row["auc<=5"] = (statistics.mean(sparse), statistics.stdev(sparse) if len(sparse) > 1 else 0.0) if sparse else (float("nan"), 0.0)
+        valid = [r["train"]["best_valid"]["auc"] for r in runs]
+        row["valid_auc"] = (statistics.mean(valid), statistics.stdev(valid) if len(valid) > 1 else 0.0)
         secs = statistics.mean(r["train"]["seconds"] for r in runs)
         summary[name] = {"metrics": row, "train_seconds": secs, "seeds": args.seeds}
         print(f"| {name} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in row.values()) + f" | {secs:.0f} |")

@@ -96,7 +96,7 @@ class TrainConfig:
     n_negatives: int = 1000  # retrieval: sampled negatives per batch
     negatives: str = "uniform"  # retrieval: uniform | popularity
     in_batch_negatives: bool = False
-    resample_negatives: bool = False  # ranking: draw the training negatives afresh every epoch (prepare's rule)
+    resample_negatives: bool = False  # ranking: draw the training negatives (targets' and DIEN's auxiliary ones) afresh every epoch
     protocol: str = "user_split"  # retrieval: user_split | leave_last_out
     top_m: int = 200  # retrieval eval: candidates per interest
     index: str = "exact"  # exact | hnsw | ivf | ivfpq

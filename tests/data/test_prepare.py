@@ -98,6 +98,16 @@ def test_fresh_training_negatives_follow_the_same_rule(synth_prepared):
     seen = set(zip(np.repeat(np.arange(1, prep.n_users), prep.counts[1:]).tolist(), prep.items.tolist()))
     assert not any((u, i) in seen for u, i in zip(s.user[neg].tolist(), a.target[neg].tolist()))
     assert a.target[neg].min() >= 1 and a.target[neg].max() < prep.n_items
+    # fresh auxiliary negatives: never the clicked item, and what the batches carry
+    from facetrec.data.dataset import ranking_batch
+    from facetrec.data.prepare import sample_aux_negatives
+
+    aux = sample_aux_negatives(np.random.default_rng(3), prep.items, prep.n_items)
+    assert (aux != prep.items).all() and (aux != prep.aux_neg).mean() > 0.9
+    idx = np.arange(64)
+    b, b0 = ranking_batch(prep, s, idx, prep.max_history, aux), ranking_batch(prep, s, idx, prep.max_history)
+    assert (b.hist == b0.hist).all() and ((b.aux_neg != b0.aux_neg) & b.hist_mask).any()
+    assert not ((b.aux_neg == b.hist) & b.hist_mask).any()
 
 
 def test_user_split_protocol_history_and_targets(synth_prepared):

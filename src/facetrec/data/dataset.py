@@ -192,9 +192,12 @@ def ranking_samples(prep: Prepared, split: str) -> RankingSamples:
                           df["target"].to_numpy().astype(np.int64), df["label"].to_numpy().astype(np.float32))
 
 
-def ranking_batch(prep: Prepared, s: RankingSamples, idx: np.ndarray, max_len: int) -> RankingBatch:
+def ranking_batch(prep: Prepared, s: RankingSamples, idx: np.ndarray, max_len: int,
+                  aux_neg: np.ndarray | None = None) -> RankingBatch:
+    """Samples `idx` of `s` with their histories; `aux_neg` (one per event) replaces prepare's auxiliary negatives."""
     users = s.user[idx]
-    (hist, aux), mask = prep.windows(users, s.pos[idx], max_len, (prep.items, prep.aux_neg))
+    aux_neg = prep.aux_neg if aux_neg is None else aux_neg
+    (hist, aux), mask = prep.windows(users, s.pos[idx], max_len, (prep.items, aux_neg))
     return RankingBatch(
         user=torch.from_numpy(users), hist=torch.from_numpy(hist), hist_mask=torch.from_numpy(mask),
         aux_neg=torch.from_numpy(aux), target=torch.from_numpy(s.target[idx]), label=torch.from_numpy(s.label[idx]),

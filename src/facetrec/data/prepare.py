@@ -70,7 +70,7 @@ def prepare(cfg: Config, out_dir: str | Path | None = None, verbose: bool = True
 
     rng = np.random.default_rng(p.seed)
     pair_keys = np.sort(uid.astype(np.int64) * n_items + iid)  # membership tests by searchsorted
-    aux_neg = _sample_not_equal(rng, iid, n_items)
+    aux_neg = sample_aux_negatives(rng, iid, n_items)
     split = _user_split(rng, n_users - 1, p.split)
     ranking = _ranking_samples(rng, uid, iid, offsets, counts, n_items, pair_keys)
     ranking = _with_target_signals(ranking, events, offsets)
@@ -166,7 +166,7 @@ def kcore(events: pl.DataFrame, min_user: int, min_item: int) -> pl.DataFrame:
             return events
 
 
-def _sample_not_equal(rng: np.random.Generator, items: np.ndarray, n_items: int) -> np.ndarray:
+def sample_aux_negatives(rng: np.random.Generator, items: np.ndarray, n_items: int) -> np.ndarray:
     """For each event an item id in 1..n_items-1 different from the event's item (DIEN aux negatives)."""
     if n_items <= 2:
         raise DataError("need at least two items to sample negatives")

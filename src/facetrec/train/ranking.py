@@ -14,7 +14,7 @@ import torch
 
 from facetrec.config import Config
 from facetrec.data.dataset import Prepared, RankingSamples, minibatches, ranking_batch, ranking_samples
-from facetrec.data.prepare import sample_negatives_for_users
+from facetrec.data.prepare import sample_aux_negatives, sample_negatives_for_users
 from facetrec.eval.metrics import auc, bucket_of, gauc, logloss
 from facetrec.models import dien as dien_mod
 from facetrec.train.build import build_model, make_config
@@ -73,10 +73,13 @@ def ranking_task(cfg: Config, prep: Prepared, model: torch.nn.Module, device: to
     bs = cfg.train.batch_size
 
     def batches(seed: int):
-        # fresh negatives per epoch seed: the same draw on every rank
-        epoch = fresh_negatives(prep, train, seed) if cfg.train.resample_negatives else train
+        # fresh negatives per epoch seed, for the targets and DIEN's auxiliary loss: the same draw on every rank
+        epoch, aux = train, None
+        if cfg.train.resample_negatives:
+            epoch = fresh_negatives(prep, train, seed)
+            aux = sample_aux_negatives(np.random.default_rng([seed, 1]), prep.items, prep.n_items)
         for idx in minibatches(len(epoch), bs, True, seed, rank, world):
-            yield ranking_batch(prep, epoch, idx, prep.max_history).to(device)
+            yield ranking_batch(prep, epoch, idx, prep.max_history, aux).to(device)
 
     def loss(batch):
         # samples, and auxiliary-loss positions (t whose t + 1 is real; histories are left-aligned)
