@@ -275,9 +275,10 @@ def test_a_mask_with_holes_is_refused_with_a_hint():
 # ---------------------------------------------------------------- serving
 
 
-@pytest.mark.parametrize("evolution,attention", [(e, "bilinear") for e in EVOLUTIONS] + [("augru", "mlp")])
-def test_score_candidates_equals_forward_on_the_repeated_batch(evolution, attention):
-    m = make(evolution=evolution, attention=attention, activation="dice", n_users=10).eval()  # eval: Dice uses its running statistics
+@pytest.mark.parametrize("evolution,attention,att_pool", [(e, "bilinear", False) for e in EVOLUTIONS]
+                         + [("augru", "mlp", False), ("augru", "bilinear", True)])
+def test_score_candidates_equals_forward_on_the_repeated_batch(evolution, attention, att_pool):
+    m = make(evolution=evolution, attention=attention, attention_pooling=att_pool, activation="dice", n_users=10).eval()  # eval: Dice uses its running statistics
     hist = torch.tensor([5, 9, 2, 31, 7, 0, 0])
     cands = torch.tensor([1, 4, 9, 33, 17])
     b = RankingBatch(user=torch.full((5,), 3), hist=hist.expand(5, -1), hist_mask=(hist > 0).expand(5, -1),
@@ -301,9 +302,9 @@ def test_din_and_base_serve_the_same_as_forward():
 # ---------------------------------------------------------------- gradients and baselines
 
 
-@pytest.mark.parametrize("attention", ["bilinear", "mlp"])
-def test_gradients_reach_every_dien_parameter_but_not_the_padding_rows(attention):
-    m = make(n_users=10, attention=attention)
+@pytest.mark.parametrize("attention,att_pool", [("bilinear", False), ("mlp", False), ("bilinear", True)])
+def test_gradients_reach_every_dien_parameter_but_not_the_padding_rows(attention, att_pool):
+    m = make(n_users=10, attention=attention, attention_pooling=att_pool)
     total, _ = ranking_loss(m, batch(junk=True))
     total.backward()
     for name, p in m.named_parameters():

@@ -69,6 +69,7 @@ class DIENConfig:
     attention_mlp: tuple[int, ...] = (80, 40)  # DIN only: the attention unit's hidden sizes
     n_users: int = 0  # > 0: a user-id embedding (embed_dim wide) enters the output MLP; ids >= n_users count as unknown (0)
     attention: str = "bilinear"  # DIEN: a_t ∝ exp(h_t · W e_a) (paper) | "mlp": DIN's unit over [q, h_t, q − h_t, q ∘ h_t], q = W e_a (official TF code)
+    attention_pooling: bool = False  # DIEN: Σ a_t e_b and its product with e_a also enter the output MLP (DIN's view, with DIEN's attention)
     pooled_product: bool = True  # DIEN: Σ e_b ∘ e_a also enters the output MLP (as in the official TF code; the base model's feature)
 
     def __post_init__(self) -> None:
@@ -554,7 +555,7 @@ class DIEN(nn.Module):
         self.evolver = nn.GRUCell(H, H2)
         self.target_proj = nn.Linear(D, H2, bias=False) if H2 != D else None  # e_a in H' for h'_T ∘ e_a
         self.user = _user_embedding(cfg)
-        self.head = _output_mlp(cfg, 2 * H2 + (3 if cfg.pooled_product else 2) * D
+        self.head = _output_mlp(cfg, 2 * H2 + (3 if cfg.pooled_product else 2) * D + (2 * D if cfg.attention_pooling else 0)
                                 + (cfg.embed_dim if self.user is not None else 0))
         self._evolution = EVOLUTIONS.index(cfg.evolution)
 
@@ -591,10 +592,14 @@ class DIEN(nn.Module):
             S = gated_scan(gi, c.weight_hh, c.bias_hh, att, p.batch_sizes, kind, len(p.order))  # (B + P, H')
         return S.index_select(0, p.final_rows)  # past a row's end its state does not change
 
-    def _logits(self, h_T: torch.Tensor, e_a: torch.Tensor, pooled: torch.Tensor, users: List[torch.Tensor]) -> torch.Tensor:
-        """Output MLP over [h'_T, e_a, h'_T ∘ e_a, Σ e_b, (Σ e_b ∘ e_a,) user] (SPEC §3.4) -> (B,)."""
+    def _logits(self, h_T: torch.Tensor, e_a: torch.Tensor, pooled: torch.Tensor, users: List[torch.Tensor],
+                att_pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Output MLP over [h'_T, e_a, h'_T ∘ e_a, Σ e_b, (Σ e_b ∘ e_a,) (Σ a_t e_b, Σ a_t e_b ∘ e_a,) user]
+        (SPEC §3.4) -> (B,)."""
         e_q = e_a if self.target_proj is None else self.target_proj(e_a)  # (B, H')
         parts = [h_T, e_a, h_T * e_q, pooled] + ([pooled * e_a] if self.cfg.pooled_product else [])
+        if att_pooled is not None:
+            parts += [att_pooled, att_pooled * e_a]
         return self.head(torch.cat(parts + users, dim=-1)).squeeze(-1)
 
     def _aux(self, h: torch.Tensor, src: torch.Tensor, e_next: torch.Tensor, e_neg: torch.Tensor) -> torch.Tensor:
@@ -621,7 +626,8 @@ class DIEN(nn.Module):
         att = self._attend(h, e_a, p)  # (P,)
         h_T = self._evolve(h, att, p)  # (B, H')
         pooled = e.new_zeros(e_a.shape).index_add(0, p.row, e)  # (B, D): Σ over real behaviours
-        logits = self._logits(h_T, e_a, pooled, _user_vectors(self.user, batch.user[p.order]))
+        att_pooled = e.new_zeros(e_a.shape).index_add(0, p.row, att[:, None] * e) if self.cfg.attention_pooling else None
+        logits = self._logits(h_T, e_a, pooled, _user_vectors(self.user, batch.user[p.order]), att_pooled)
         logits = torch.empty_like(logits).index_copy(0, p.order, logits)  # back to batch order
         aux = self._aux(h, src, e.index_select(0, dst), parts[2]) if with_aux else logits.new_zeros(())
         return logits, aux
@@ -691,6 +697,7 @@ class DIEN(nn.Module):
         if L == 0:
             h_T = e_a.new_zeros(N, c2.hidden_size)
             pooled = e_a.new_zeros(N, D)
+            att_pooled = e_a.new_zeros(N, D) if self.cfg.attention_pooling else None
         else:
             e = self.items(ids)  # (L, D)
             h = gated_scan(F.linear(e, c1.weight_ih, c1.bias_ih), c1.weight_hh, c1.bias_hh, None, [1] * L, UPDATE)[1:]  # (L, H)
@@ -700,9 +707,10 @@ class DIEN(nn.Module):
             proj = h @ c2.weight_ih.T  # (L, 3H'): shared by every candidate
             h_T = _evolve_candidates_c(proj, c2.bias_ih, c2.weight_hh, c2.bias_hh, att.t().contiguous(), self._evolution)
             pooled = e.sum(0).expand(N, -1)  # (N, D)
+            att_pooled = att @ e if self.cfg.attention_pooling else None  # (N, D)
         users = _user_vectors(self.user, torch.full((N,), 0 if user is None else int(user), dtype=torch.long,
                                                     device=e_a.device))
-        return self._logits(h_T, e_a, pooled, users)
+        return self._logits(h_T, e_a, pooled, users, att_pooled)
 
 
 # ---------------------------------------------------------------- DIN and the base model
