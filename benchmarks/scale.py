@@ -25,6 +25,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prepare_scaling import CHILD as PREPARE  # noqa: E402  the same measured prepare child process
 
 SYNTH = r"""
 import json, resource, sys, time
@@ -37,16 +39,6 @@ print(json.dumps({"seconds": time.perf_counter() - t, "events": meta["events"],
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
-PREPARE = r"""
-import json, resource, sys, time
-from facetrec.config import load_config
-from facetrec.data.prepare import prepare
-t = time.perf_counter()
-s = prepare(load_config(sys.argv[1], sys.argv[2:]), verbose=False)
-print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "events_in": s["before"]["events"], "events_out": s["after"]["events"], "users": s["after"]["users"],
-                  "items": s["after"]["items"]}))
-"""
 
 TRAIN = r"""
 import json, resource, sys, time

@@ -24,6 +24,7 @@ import polars as pl
 import torch
 
 from facetrec.data.batches import RankingBatch, RetrievalBatch
+from facetrec.data.prepare import pair_keys
 from facetrec.errors import DataError
 
 SPLITS = ("train", "valid", "test")
@@ -71,8 +72,7 @@ class Prepared:
     def pair_keys(self) -> np.ndarray:
         """Sorted user * n_items + item over all events: `data.prepare.sample_negatives_for_users`' membership test."""
         if self._pair_keys is None:
-            users = np.repeat(np.arange(self.n_users, dtype=np.int64), self.counts)
-            self._pair_keys = np.sort(users * self.n_items + self.items)
+            self._pair_keys = pair_keys(np.repeat(np.arange(self.n_users), self.counts), self.items, self.n_items)
         return self._pair_keys
 
     def feature_tensors(self) -> dict[str, torch.Tensor]:

@@ -69,10 +69,10 @@ def prepare(cfg: Config, out_dir: str | Path | None = None, verbose: bool = True
     counts = np.diff(offsets)
 
     rng = np.random.default_rng(p.seed)
-    pair_keys = np.sort(uid.astype(np.int64) * n_items + iid)  # membership tests by searchsorted
+    keys = pair_keys(uid, iid, n_items)
     aux_neg = sample_aux_negatives(rng, iid, n_items)
     split = _user_split(rng, n_users - 1, p.split)
-    ranking = _ranking_samples(rng, uid, iid, offsets, counts, n_items, pair_keys)
+    ranking = _ranking_samples(rng, uid, iid, offsets, counts, n_items, keys)
     ranking = _with_target_signals(ranking, events, offsets)
 
     features, field_info = _item_features(log, items, n_items)
@@ -184,6 +184,11 @@ def _user_split(rng: np.random.Generator, n: int, shares: tuple[float, float, fl
     split[1 + perm[n_train:n_train + n_valid]] = 1
     split[1 + perm[n_train + n_valid:]] = 2
     return split[1:]
+
+
+def pair_keys(users: np.ndarray, items: np.ndarray, n_items: int) -> np.ndarray:
+    """Sorted user * n_items + item of every event: membership tests by searchsorted."""
+    return np.sort(users.astype(np.int64) * n_items + items)
 
 
 def sample_negatives_for_users(rng: np.random.Generator, users: np.ndarray, n_items: int, pair_keys: np.ndarray,
