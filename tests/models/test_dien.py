@@ -229,8 +229,9 @@ def test_steps_past_a_sequence_end_change_nothing(evolution):
     assert torch.allclose(m.interest_states(longer)[:, :7], m.interest_states(b), atol=1e-6)
 
 
-def test_aux_loss_ignores_padding_and_alpha_0_removes_it():
-    m = make()
+@pytest.mark.parametrize("aux_net", ["dot", "mlp"])
+def test_aux_loss_ignores_padding_and_alpha_0_removes_it(aux_net):
+    m = make(aux_net=aux_net)
     b, junk = batch(), batch(junk=True)  # same real positions, junk ids in the padding
     assert torch.equal(b.hist * b.hist_mask, junk.hist * junk.hist_mask)
     aux = m.auxiliary_loss(b, m.interest_states(b))
@@ -302,9 +303,10 @@ def test_din_and_base_serve_the_same_as_forward():
 # ---------------------------------------------------------------- gradients and baselines
 
 
-@pytest.mark.parametrize("attention,att_pool", [("bilinear", False), ("mlp", False), ("bilinear", True)])
-def test_gradients_reach_every_dien_parameter_but_not_the_padding_rows(attention, att_pool):
-    m = make(n_users=10, attention=attention, attention_pooling=att_pool)
+@pytest.mark.parametrize("attention,att_pool,aux_net", [("bilinear", False, "dot"), ("mlp", False, "dot"), ("bilinear", True, "dot"),
+                                                        ("bilinear", False, "mlp")])
+def test_gradients_reach_every_dien_parameter_but_not_the_padding_rows(attention, att_pool, aux_net):
+    m = make(n_users=10, attention=attention, attention_pooling=att_pool, aux_net=aux_net)
     total, _ = ranking_loss(m, batch(junk=True))
     total.backward()
     for name, p in m.named_parameters():
@@ -335,9 +337,48 @@ def test_item_embedding_is_id_concat_first_category():
     assert torch.all(e[1] == 0)  # padding
 
 
+def test_item_fields_append_the_mean_of_the_items_values():
+    feats, vocab = features()
+    attrs = torch.zeros(N_ITEMS, 3, dtype=torch.long)
+    attrs[3] = torch.tensor([2, 5, 0])  # two values, one padding slot
+    attrs[4] = torch.tensor([7, 0, 0])
+    feats, vocab = {**feats, "attrs": attrs}, {**vocab, "attrs": 8}
+    torch.manual_seed(0)
+    m = DIEN(DIENConfig(n_items=N_ITEMS, embed_dim=4, mlp=(8,), item_fields=("attrs",)), feats, vocab)
+    assert m.items.dim == 12
+    e = m.items(torch.tensor([3, 4, 5, 0]))
+    w = m.items.extra[0].weight
+    assert torch.allclose(e[0, 8:], (w[2] + w[5]) / 2) and torch.allclose(e[1, 8:], w[7])
+    assert torch.all(e[2, 8:] == 0) and torch.all(e[3] == 0)  # an item without values; padding
+    total, _ = ranking_loss(m, batch())
+    total.backward()
+    assert w.grad[w.grad.abs().sum(1) > 0].shape[0] > 0 and torch.all(w.grad[0] == 0)
+    with pytest.raises(ValueError, match="item_fields"):
+        DIEN(DIENConfig(n_items=N_ITEMS, item_fields=("brand",)), feats, vocab)
+
+
+def test_aux_detach_keeps_the_aux_loss_but_not_its_embedding_gradient():
+    b = batch()
+    m, md = make(aux_alpha=1.0), make(aux_alpha=1.0, aux_detach=True)
+    md.load_state_dict(m.state_dict())
+    _, aux = m.logits_and_aux(b)
+    _, aux_d = md.logits_and_aux(b)
+    assert torch.allclose(aux, aux_d)
+    g = torch.autograd.grad(aux_d, [md.items.id_emb.weight, md.extractor.weight_hh], allow_unused=True)
+    g_full = torch.autograd.grad(aux, [m.items.id_emb.weight], allow_unused=True)[0]
+    # detached: only the rows feeding the GRU (behaviours at t) get a gradient, never a t + 1 target alone
+    assert g[1].abs().sum() > 0 and g_full.abs().sum() > g[0].abs().sum()
+    only_next = set(b.aux_neg[:, 1:][b.hist_mask[:, 1:]].tolist()) - set(b.hist[b.hist_mask].tolist())
+    assert only_next
+    for j in only_next:
+        assert torch.all(g[0][j] == 0) and g_full[j].abs().sum() > 0
+
+
 def test_config_and_feature_errors_say_what_to_do():
     with pytest.raises(ValueError, match="augru"):
         DIENConfig(n_items=10, evolution="lstm")
+    with pytest.raises(ValueError, match="official"):
+        DIENConfig(n_items=10, aux_net="bilinear")
     with pytest.raises(ValueError, match="dice"):
         DIENConfig(n_items=10, activation="relu")
     with pytest.raises(ValueError, match="category_field"):

@@ -60,6 +60,7 @@ class DIENConfig:
     n_items: int  # item vocabulary incl. padding id 0
     embed_dim: int = 32  # per field: the item embedding is E_id[i] ⊕ E_cat[c(i)], so D = 2 * embed_dim
     category_field: str = ""  # item field used as the category (its first value); "" = "cate" if present, else the first field; none -> id only (D = embed_dim)
+    item_fields: tuple[str, ...] = ()  # further item fields (e.g. "attrs": brand + category path), each E_f averaged over the item's values, appended to e_i (D grows by embed_dim each)
     hidden: int = 0  # H, interest extractor GRU width; 0 = D. The aux loss's h_t · e_b needs H = D, else a learned linear map H -> D is used
     evolve_hidden: int = 0  # H', interest evolving GRU width; 0 = H. Narrower serves faster; h'_T ∘ e_a then uses a learned map of e_a to H'
     evolution: str = "augru"  # augru | agru | aigru (SPEC §3.3)
@@ -70,6 +71,8 @@ class DIENConfig:
     n_users: int = 0  # > 0: a user-id embedding (embed_dim wide) enters the output MLP; ids >= n_users count as unknown (0)
     attention: str = "bilinear"  # DIEN: a_t ∝ exp(h_t · W e_a) (paper) | "mlp": DIN's unit over [q, h_t, q − h_t, q ∘ h_t], q = W e_a (official TF code)
     attention_pooling: bool = False  # DIEN: Σ a_t e_b and its product with e_a also enter the output MLP (DIN's view, with DIEN's attention)
+    aux_net: str = "dot"  # DIEN auxiliary scorer: "dot" = h_t · e (paper, SPEC §3.2) | "mlp" = MLP (100, 50, sigmoid) over [h_t, e] (official TF code)
+    aux_detach: bool = False  # DIEN: the auxiliary loss trains the extractor GRU only (e_b[t+1], ê_b[t+1] enter it as constants)
     pooled_product: bool = True  # DIEN: Σ e_b ∘ e_a also enters the output MLP (as in the official TF code; the base model's feature)
 
     def __post_init__(self) -> None:
@@ -77,6 +80,8 @@ class DIENConfig:
             raise ValueError(f"n_items = {self.n_items}: need padding 0 and at least one real item")
         if self.embed_dim < 1 or self.hidden < 0 or self.evolve_hidden < 0 or self.n_users < 0:
             raise ValueError("embed_dim must be >= 1; hidden, evolve_hidden and n_users >= 0 (0 = default / off)")
+        if self.aux_net not in ("dot", "mlp"):
+            raise ValueError(f"aux_net {self.aux_net!r} must be 'dot' (paper) or 'mlp' (official code)")
         if self.attention not in ("bilinear", "mlp"):
             raise ValueError(f"attention {self.attention!r} must be 'bilinear' or 'mlp'")
         if self.evolution not in EVOLUTIONS:
@@ -105,9 +110,10 @@ class ItemEmbedding(nn.Module):
     """Item vectors e_i = E_id[i] ⊕ E_cat[c(i)] (SPEC §3.1), shared by DIEN, DIN and the base model.
 
     The category of each item is looked up in a buffer table, the first value of the
-    category field (an item with several categories uses its first one; other item fields
-    are not used by the ranking models). Without any item field the vector is E_id[i] alone.
-    Padding id 0 and an item without category give zeros in the respective half.
+    category field (an item with several categories uses its first one). Without any item
+    field the vector is E_id[i] alone. Padding id 0 and an item without category give zeros
+    in the respective half. Each field named in `cfg.item_fields` (multi-valued, e.g. brand +
+    category path) adds mean_v E_f[v] over the item's non-zero values (zeros if it has none).
 
     Args:
         cfg: the model config (n_items, embed_dim, category_field).
@@ -134,8 +140,20 @@ class ItemEmbedding(nn.Module):
                 raise ValueError(f"field_vocab has no size for item field {self.field!r}; have {sorted(field_vocab)}")
             self.register_buffer("cate", cate, persistent=False)
             self.cate_emb = nn.Embedding(field_vocab[self.field], cfg.embed_dim, padding_idx=0)
-        self.dim = cfg.embed_dim * (1 if self.cate_emb is None else 2)
-        for emb in (self.id_emb, self.cate_emb):
+        self.extra = nn.ModuleList()
+        for k, field in enumerate(cfg.item_fields):
+            if field not in item_features or field not in field_vocab:
+                raise ValueError(f"model.item_fields names {field!r}, which is not an item field; have {sorted(item_features)}")
+            vals = item_features[field].to(torch.long)
+            vals = vals[:, None] if vals.dim() == 1 else vals
+            if vals.shape[0] != cfg.n_items:
+                raise ValueError(f"item field {field!r} has {vals.shape[0]} rows; n_items is {cfg.n_items}")
+            n = (vals > 0).sum(1, keepdim=True).clamp(min=1).to(torch.float32)
+            self.register_buffer(f"field{k}", vals, persistent=False)
+            self.register_buffer(f"field{k}_w", (vals > 0).to(torch.float32) / n, persistent=False)  # mean over the values
+            self.extra.append(nn.Embedding(field_vocab[field], cfg.embed_dim, padding_idx=0))
+        self.dim = cfg.embed_dim * (1 + (self.cate_emb is not None) + len(self.extra))
+        for emb in (self.id_emb, self.cate_emb, *self.extra):
             if emb is not None:
                 nn.init.normal_(emb.weight, std=0.05)  # small: h_t · e_b of the aux loss starts near 0
                 with torch.no_grad():
@@ -145,9 +163,13 @@ class ItemEmbedding(nn.Module):
         """ids (...) -> (..., D)."""
         ids = ids.long()
         e = self.id_emb(ids)
+        parts = [e]
         if self.cate_emb is not None:
-            e = torch.cat([e, self.cate_emb(self.cate[ids])], dim=-1)
-        return e
+            parts.append(self.cate_emb(self.cate[ids]))
+        for k, emb in enumerate(self.extra):
+            vals, w = getattr(self, f"field{k}")[ids], getattr(self, f"field{k}_w")[ids]  # (..., W)
+            parts.append((emb(vals) * w.unsqueeze(-1)).sum(-2))
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else e
 
 
 def _user_embedding(cfg: DIENConfig) -> Optional[nn.Embedding]:
@@ -546,7 +568,11 @@ class DIEN(nn.Module):
         H2 = cfg.evolve_hidden or H
         # GRUCells hold the weights in torch's layout; the packed scans run them
         self.extractor = nn.GRUCell(D, H)
-        self.aux_proj = nn.Linear(H, D, bias=False) if H != D and cfg.aux_alpha > 0 else None
+        self.aux_proj = nn.Linear(H, D, bias=False) if H != D and cfg.aux_alpha > 0 and cfg.aux_net == "dot" else None
+        self.aux_mlp: Optional[nn.Module] = None
+        if cfg.aux_alpha > 0 and cfg.aux_net == "mlp":
+            unit = MLP(H + D, (100, 50), "sigmoid")
+            self.aux_mlp = nn.Sequential(unit, nn.Linear(unit.out_dim, 1))
         self.att_w = nn.Linear(D, H, bias=False)  # a_t ∝ exp(h_t · W e_a)
         self.att_mlp: Optional[nn.Module] = None
         if cfg.attention == "mlp":
@@ -608,10 +634,17 @@ class DIEN(nn.Module):
         if len(src) == 0:
             return h.sum() * 0.0
         hs = h.index_select(0, src)  # (M, H)
-        hs = hs if self.aux_proj is None else self.aux_proj(hs)  # (M, D)
-        pos = (hs * e_next).sum(-1)  # (M,)
-        neg = (hs * e_neg).sum(-1)  # (M,)
+        if self.cfg.aux_detach:
+            e_next, e_neg = e_next.detach(), e_neg.detach()
+        pos, neg = self._aux_logit(hs, e_next), self._aux_logit(hs, e_neg)  # (M,), (M,)
         return -(F.logsigmoid(pos) + F.logsigmoid(-neg)).mean()  # log(1 - σ(x)) = log σ(-x)
+
+    def _aux_logit(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """Auxiliary score of states h (M, H) against next-behaviour embeddings e (M, D) -> (M,)."""
+        if self.aux_mlp is not None:
+            return self.aux_mlp(torch.cat([h, e], dim=-1)).squeeze(-1)
+        h = h if self.aux_proj is None else self.aux_proj(h)  # (M, D)
+        return (h * e).sum(-1)
 
     def _run(self, batch: RankingBatch, with_aux: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         p = pack(batch.hist_mask)
@@ -659,9 +692,8 @@ class DIEN(nn.Module):
         if not nxt.any():
             return h.sum() * 0.0
         ht = h[:, :-1][nxt]  # (M, H)
-        ht = ht if self.aux_proj is None else self.aux_proj(ht)
-        pos = (ht * self.items(batch.hist[:, 1:][nxt])).sum(-1)  # (M,)
-        neg = (ht * self.items(batch.aux_neg[:, 1:][nxt])).sum(-1)  # (M,)
+        pos = self._aux_logit(ht, self.items(batch.hist[:, 1:][nxt]))  # (M,)
+        neg = self._aux_logit(ht, self.items(batch.aux_neg[:, 1:][nxt]))  # (M,)
         return -(F.logsigmoid(pos) + F.logsigmoid(-neg)).mean()
 
     def attention(self, batch: RankingBatch) -> torch.Tensor:

@@ -66,11 +66,30 @@ def fresh_negatives(prep: Prepared, s: RankingSamples, seed: int) -> RankingSamp
     return RankingSamples(s.user, s.pos, target, s.label)
 
 
+def item_frequencies(prep: Prepared, s: RankingSamples) -> np.ndarray:
+    """n_j >= 1 per item: how often item j is a training sample's candidate or in its history window."""
+    n = np.bincount(s.target, minlength=prep.n_items).astype(np.float64)
+    (hist,), _ = prep.windows(s.user, s.pos, prep.max_history, (prep.items,))
+    n += np.bincount(hist.ravel(), minlength=prep.n_items)[:prep.n_items]
+    return np.maximum(n, 1.0)
+
+
+def mini_batch_l2(table: torch.Tensor, ids: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Σ_j ||w_j||² / n_j over the distinct non-padding ids of a batch (DIN paper, eq. 4): only the
+    rows a batch touches are regularised, rare ones more per appearance, so over an epoch every
+    row gets about one full L2 step whatever its frequency."""
+    j = torch.unique(ids)
+    j = j[j > 0]
+    return (table[j].pow(2).sum(1) * inv_freq[j]).sum()
+
+
 def ranking_task(cfg: Config, prep: Prepared, model: torch.nn.Module, device: torch.device | str = "cpu",
                  rank: int = 0, world: int = 1) -> Task:
     train = ranking_samples(prep, "train")
     valid = ranking_samples(prep, "valid")
     bs = cfg.train.batch_size
+    l2 = cfg.train.embed_l2
+    inv_freq = torch.from_numpy(1.0 / item_frequencies(prep, train)).float().to(device) if l2 > 0 else None
 
     def batches(seed: int):
         # fresh negatives per epoch seed, for the targets and DIEN's auxiliary loss: the same draw on every rank
@@ -86,6 +105,14 @@ def ranking_task(cfg: Config, prep: Prepared, model: torch.nn.Module, device: to
         counts = (len(batch.label), int(batch.hist_mask[:, 1:].sum()))
         bce_share, aux_share = global_shares(*counts)
         total, parts = dien_mod.ranking_loss(model, batch, bce_scale=bce_share, aux_scale=aux_share)
+        if inv_freq is not None:
+            ids = [batch.hist.ravel(), batch.target.ravel()]
+            if isinstance(model, dien_mod.DIEN) and model.cfg.aux_alpha > 0:
+                ids.append(batch.aux_neg[batch.hist_mask])  # the auxiliary loss's negatives are looked up too
+            ids = torch.cat(ids)
+            reg = l2 * mini_batch_l2(model.items.id_emb.weight, ids, inv_freq) * bce_share
+            total = total + reg
+            parts["l2"] = reg.detach()
         return total, {k: float(v) for k, v in parts.items()}
 
     def evaluate(split: str) -> dict[str, float]:
