@@ -37,7 +37,8 @@ PARAM_RTOL = PARAM_ATOL = 1e-5
 # 16 full global batches + 162; DIEN: 19324 samples, 9 full global batches + 892 (uneven aux counts)
 MIND = ["model.name=mind", "model.dim=16", "model.hidden=[32]", "train.batch_size=512", "train.n_negatives=64",
         "train.epochs=2"]
-DIEN = ["model.name=dien", "model.embed_dim=8", "model.mlp=[16,8]", "train.batch_size=2048", "train.epochs=1"]
+DIEN = ["model.name=dien", "model.embed_dim=8", "model.mlp=[16,8]", "train.batch_size=2048", "train.epochs=1",
+        "train.embed_l2=1.0"]  # the mini-batch L2 over the global batch's distinct ids, whichever rank holds them
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,8 @@ def assert_same_training(one: Path, many: Path) -> None:
 
 @pytest.mark.slow
 def test_two_processes_train_dien_like_one(launch, tmp_path):
-    """DIEN: auxiliary loss over a different number of positions per rank, Dice's batch norm."""
+    """DIEN: auxiliary loss over a different number of positions per rank, Dice's batch norm,
+    the mini-batch-aware L2 (ids shared by the ranks' slices counted once)."""
     launch(tmp_path / "one", DIEN)
     launch(tmp_path / "two", DIEN, nproc=2)
     assert_same_training(tmp_path / "one", tmp_path / "two")
@@ -154,3 +156,30 @@ def test_rank_slices_make_up_the_single_process_batches(n, world):
         assert max(map(len, parts)) - min(map(len, parts)) <= 1 and min(map(len, parts)) >= 1
     tail = n % bs
     assert len(ranks[0]) == len(one) - (0 < tail < world)
+
+
+def _owned_ids_worker(rank: int, world: int, init: str, out: str) -> None:
+    from facetrec.train.distributed import owned_distinct_ids
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        slices = [torch.tensor([5, 0, 3, 3, 9]), torch.tensor([9, 12, 0, 0]), torch.tensor([2, 5, 6, 7, 8, 11, 1])]
+        owned, scale = owned_distinct_ids(slices[rank])
+        torch.save({"owned": owned, "scale": scale}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_owned_distinct_ids_split_the_global_batch_ids_once_over_the_ranks(tmp_path):
+    """The mini-batch L2 under DDP: ranks own disjoint shares of the global batch's distinct ids
+    (an id in several slices, or in another rank's slice only, is counted once), scale = world."""
+    import torch.multiprocessing as mp
+
+    world = 3
+    mp.spawn(_owned_ids_worker, args=(world, f"file://{tmp_path / 'store'}", str(tmp_path / "out")), nprocs=world)
+    got = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(world)]
+    owned = [set(g["owned"].tolist()) for g in got]
+    assert all(g["scale"] == world for g in got)
+    assert set().union(*owned) == {1, 2, 3, 5, 6, 7, 8, 9, 11, 12}
+    assert sum(map(len, owned)) == 10  # disjoint
+    assert all(j % world == r for r in range(world) for j in owned[r])

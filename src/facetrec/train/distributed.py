@@ -12,7 +12,8 @@ N processes train like one process with the same global batch (tests/train/test_
 checks it to float32 rounding): the sample order, the sampled negatives and MIND's routing
 logits depend on the seed and the epoch only; each rank's mean loss is weighted by its share of
 the global batch (`global_shares`); batch norms (Dice) use global-batch statistics
-(`GlobalBatchNorm`). In-batch negatives are refused with N > 1 (they would be per-rank); dropout
+(`GlobalBatchNorm`); the mini-batch-aware L2 counts each distinct id of the global batch once
+(`owned_distinct_ids`). In-batch negatives are refused with N > 1 (they would be per-rank); dropout
 draws differ per rank. A run that dies is resumed by launching the same command again: every
 rank loads run.dir/last.pt (the last finished epoch) and the epoch is replayed exactly.
 """
@@ -75,6 +76,33 @@ def global_shares(*counts: int) -> list[float]:
     torch.distributed.all_reduce(t)
     world = torch.distributed.get_world_size()
     return [world * n / int(total) if total > 0 else 1.0 for n, total in zip(counts, t.tolist())]
+
+
+def owned_distinct_ids(ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The distinct non-zero ids of the *global* batch that this rank owns (id % world == rank), and
+    the factor (world) that undoes DDP's gradient averaging. A penalty over distinct ids (the
+    mini-batch-aware L2) summed over these, times the factor, is then the one-process penalty:
+    each id of the global batch counted once, whichever ranks' slices hold it. One all-reduce and
+    one all-gather; in a single process the ids' distinct values and 1.0.
+
+    Example:
+        >>> owned_distinct_ids(torch.tensor([3, 0, 3, 5]))  # one process
+        (tensor([3, 5]), 1.0)
+    """
+    j = torch.unique(ids)
+    j = j[j > 0]
+    if not is_distributed():
+        return j, 1.0
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    n = torch.tensor([len(j)], dtype=torch.int64, device=ids.device)
+    torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+    padded = torch.zeros(int(n), dtype=j.dtype, device=ids.device)  # 0 = padding, dropped below
+    padded[:len(j)] = j
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    j = torch.unique(torch.cat(parts))
+    j = j[j > 0]
+    return j[j % world == rank], float(world)
 
 
 class _SumOverRanks(torch.autograd.Function):

@@ -18,7 +18,7 @@ from facetrec.data.prepare import sample_aux_negatives, sample_negatives_for_use
 from facetrec.eval.metrics import auc, bucket_of, gauc, logloss
 from facetrec.models import dien as dien_mod
 from facetrec.train.build import build_model, make_config
-from facetrec.train.distributed import global_shares
+from facetrec.train.distributed import global_shares, owned_distinct_ids
 from facetrec.train.loop import Task
 
 BUCKET_EDGES = (5, 20)
@@ -109,8 +109,8 @@ def ranking_task(cfg: Config, prep: Prepared, model: torch.nn.Module, device: to
             ids = [batch.hist.ravel(), batch.target.ravel()]
             if isinstance(model, dien_mod.DIEN) and model.cfg.aux_alpha > 0:
                 ids.append(batch.aux_neg[batch.hist_mask])  # the auxiliary loss's negatives are looked up too
-            ids = torch.cat(ids)
-            reg = l2 * mini_batch_l2(model.items.id_emb.weight, ids, inv_freq) * bce_share
+            owned, scale = owned_distinct_ids(torch.cat(ids))  # under DDP: each id of the global batch once
+            reg = l2 * scale * mini_batch_l2(model.items.id_emb.weight, owned, inv_freq)
             total = total + reg
             parts["l2"] = reg.detach()
         return total, {k: float(v) for k, v in parts.items()}
