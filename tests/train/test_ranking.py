@@ -46,6 +46,6 @@ def test_embed_l2_enters_the_ranking_loss(synth_prepared):
         torch.manual_seed(0)
         task = ranking_task(cfg, prep, ranking_model(cfg, prep))
         total, parts = task.loss(next(iter(task.batches(0))))
-        losses[l2] = (float(total), parts)
+        losses[l2] = (float(total.detach()), parts)
     assert "l2" not in losses[0.0][1] and losses[1.0][1]["l2"] > 0
     assert np.isclose(losses[1.0][0], losses[0.0][0] + losses[1.0][1]["l2"], rtol=1e-5)
