@@ -81,6 +81,20 @@ def test_logits_per_task_and_the_loss_parts(sequence):
     assert m.towers[1][1].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("sequence", ["pool", "dien"])
+def test_item_fields_reach_the_ple_item_vectors(sequence):
+    feats, vocab = features()
+    attrs = torch.randint(0, 6, (N_ITEMS, 3), generator=torch.Generator().manual_seed(1))
+    attrs[0] = 0
+    torch.manual_seed(0)
+    m = PLE(PLEConfig(n_items=N_ITEMS, tasks=("engaged", "liked"), embed_dim=4, expert=(8,), tower=(4,), sequence=sequence,
+                      item_fields=("attrs",)), {**feats, "attrs": attrs}, {**vocab, "attrs": 6})
+    assert m.items.dim == 12 and m(batch()).shape == (6, 2)
+    total, _ = multitask_loss(m, batch())
+    total.backward()
+    assert m.items.extra[0].weight.grad.abs().sum() > 0
+
+
 def test_masked_task_samples_do_not_count():
     m = make()
     b = batch()
@@ -184,9 +198,11 @@ def test_tiny_ple_without_uie_and_a_wrong_task_for_the_data(synth_prepared, tmp_
 
     monkeypatch.setenv("FACETREC_CACHE", str(tmp_path / "cache"))
     _, raw = synth_prepared
-    cfg = _cfg(raw, tmp_path / "ple", "ple", ["data.rating=", "train.max_steps=5"])
+    cfg = _cfg(raw, tmp_path / "ple", "ple", ["data.rating=", "train.max_steps=5", "train.embed_l2=1.0"])
     m = train(cfg, progress=False)
     assert m["tasks"] == ["click"] and "centres" not in m and set(m["buckets"]) == {"<=5", "6-20", ">20"}
+    logged = [json.loads(x) for x in (tmp_path / "ple" / "train_log.jsonl").read_text().splitlines()]
+    assert all(x["l2"] > 0 for x in logged if "loss" in x)  # train.embed_l2 enters the multitask loss too
     with pytest.raises(DataError, match="rating"):
         train(_cfg(raw, tmp_path / "bad", "ple", ["data.rating=", "model.tasks=[engaged, liked]"]), progress=False)
     with pytest.raises(ConfigError, match="warm_start"):

@@ -55,6 +55,7 @@ class PLEConfig:
     tasks: tuple[str, ...] = ()  # task names (see TASKS); the first is the engaged/click task. () = from the data
     embed_dim: int = 32  # per field: e_i = E_id[i] ⊕ E_cat[c(i)] as in DIEN
     category_field: str = ""  # as DIENConfig.category_field
+    item_fields: tuple[str, ...] = ()  # as DIENConfig.item_fields: further item fields averaged into e_i
     sequence: str = "pool"  # pool | dien: DIEN's interest state is the sequence input (and UCSE's sequence vector)
     hidden: int = 0  # dien: extractor GRU width (0 = D)
     evolve_hidden: int = 0  # dien: evolving GRU width (0 = hidden)
@@ -198,7 +199,8 @@ class PLE(nn.Module):
         self.cfg = cfg
         self.dien: Optional[DIEN] = None
         if cfg.sequence == "dien":
-            dcfg = DIENConfig(n_items=cfg.n_items, embed_dim=cfg.embed_dim, category_field=cfg.category_field, hidden=cfg.hidden,
+            dcfg = DIENConfig(n_items=cfg.n_items, embed_dim=cfg.embed_dim, category_field=cfg.category_field,
+                              item_fields=cfg.item_fields, hidden=cfg.hidden,
                               evolve_hidden=cfg.evolve_hidden, evolution=cfg.evolution, aux_alpha=cfg.aux_alpha, mlp=(1,), pooled_product=False,
                               activation="prelu")
             self.dien = DIEN(dcfg, item_features, field_vocab)
@@ -209,8 +211,8 @@ class PLE(nn.Module):
             H2 = dcfg.evolve_hidden or H
             seq_in, seq_dim = 2 * H2 + 2 * D + 1, H  # UCSE reads the extractor's last state (target-free)
         else:
-            self.items = ItemEmbedding(DIENConfig(n_items=cfg.n_items, embed_dim=cfg.embed_dim, category_field=cfg.category_field),
-                                       item_features, field_vocab)
+            self.items = ItemEmbedding(DIENConfig(n_items=cfg.n_items, embed_dim=cfg.embed_dim, category_field=cfg.category_field,
+                                                  item_fields=cfg.item_fields), item_features, field_vocab)
             D = self.items.dim
             seq_in, seq_dim = 3 * D + 1, D  # UCSE reads the mean history embedding
         self.uie = UIE(cfg.uie, D, seq_dim, cfg.n_users) if cfg.use_uie else None

@@ -30,6 +30,7 @@ from facetrec.io import write_json
 from facetrec.models.ple import PLE, PLEConfig, multitask_loss
 from facetrec.train.build import build_model, make_config
 from facetrec.train.loop import Task, load_checkpoint
+from facetrec.train.ranking import embed_l2_term, item_frequencies
 
 BUCKET_EDGES = (5, 20)
 TRUNCATIONS = (1, 2, 3, 5)
@@ -149,6 +150,8 @@ def multitask_task(cfg: Config, prep: Prepared, model: PLE, device: torch.device
     train = multitask_samples(prep, "train", model.cfg)
     valid = multitask_samples(prep, "valid", model.cfg)
     bs = cfg.train.batch_size
+    l2 = cfg.train.embed_l2
+    inv_freq = torch.from_numpy(1.0 / item_frequencies(prep, train)).float().to(device) if l2 > 0 else None
 
     def batches(seed: int):
         if model.uie is not None:
@@ -160,6 +163,10 @@ def multitask_task(cfg: Config, prep: Prepared, model: PLE, device: torch.device
         out = model.outputs(batch, with_aux=True)
         total, parts = multitask_loss(model, batch, out)
         logs = {k: float(v) for k, v in parts.items()}
+        if inv_freq is not None:
+            reg = embed_l2_term(model, batch, l2, inv_freq, model.dien is not None and model.dien.cfg.aux_alpha > 0)
+            total = total + reg
+            logs["l2"] = float(reg.detach())
         if model.uie is not None and model.training:
             # after the forward: this step's vectors were enhanced by the memories as they were
             logs.update(model.uie.update(out.uie, batch.user, out.hist_e, batch.hist_mask.bool(), batch.n_events,

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from facetrec.config import Config
+from facetrec.data.batches import RankingBatch
 from facetrec.data.dataset import Prepared, RankingSamples, minibatches, ranking_batch, ranking_samples
 from facetrec.data.prepare import sample_aux_negatives, sample_negatives_for_users
 from facetrec.eval.metrics import auc, bucket_of, gauc, logloss
@@ -83,6 +84,17 @@ def mini_batch_l2(table: torch.Tensor, ids: torch.Tensor, inv_freq: torch.Tensor
     return (table[j].pow(2).sum(1) * inv_freq[j]).sum()
 
 
+def embed_l2_term(model: torch.nn.Module, batch: RankingBatch, l2: float, inv_freq: torch.Tensor, with_aux: bool) -> torch.Tensor:
+    """`train.embed_l2`'s term for one batch: λ · mini_batch_l2 over the item ids the batch looks
+    up (history, candidate, and the auxiliary negatives when the aux loss runs); under DDP over
+    the global batch's distinct ids, each once (`owned_distinct_ids`)."""
+    ids = [batch.hist.ravel(), batch.target.ravel()]
+    if with_aux:
+        ids.append(batch.aux_neg[batch.hist_mask.bool()])
+    owned, scale = owned_distinct_ids(torch.cat(ids))
+    return l2 * scale * mini_batch_l2(model.items.id_emb.weight, owned, inv_freq)
+
+
 def ranking_task(cfg: Config, prep: Prepared, model: torch.nn.Module, device: torch.device | str = "cpu",
                  rank: int = 0, world: int = 1) -> Task:
     train = ranking_samples(prep, "train")
@@ -106,11 +118,7 @@ def ranking_task(cfg: Config, prep: Prepared, model: torch.nn.Module, device: to
         bce_share, aux_share = global_shares(*counts)
         total, parts = dien_mod.ranking_loss(model, batch, bce_scale=bce_share, aux_scale=aux_share)
         if inv_freq is not None:
-            ids = [batch.hist.ravel(), batch.target.ravel()]
-            if isinstance(model, dien_mod.DIEN) and model.cfg.aux_alpha > 0:
-                ids.append(batch.aux_neg[batch.hist_mask])  # the auxiliary loss's negatives are looked up too
-            owned, scale = owned_distinct_ids(torch.cat(ids))  # under DDP: each id of the global batch once
-            reg = l2 * scale * mini_batch_l2(model.items.id_emb.weight, owned, inv_freq)
+            reg = embed_l2_term(model, batch, l2, inv_freq, isinstance(model, dien_mod.DIEN) and model.cfg.aux_alpha > 0)
             total = total + reg
             parts["l2"] = reg.detach()
         return total, {k: float(v) for k, v in parts.items()}
