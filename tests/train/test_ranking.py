@@ -49,3 +49,25 @@ def test_embed_l2_enters_the_ranking_loss(synth_prepared):
         losses[l2] = (float(total.detach()), parts)
     assert "l2" not in losses[0.0][1] and losses[1.0][1]["l2"] > 0
     assert np.isclose(losses[1.0][0], losses[0.0][0] + losses[1.0][1]["l2"], rtol=1e-5)
+
+
+def test_embed_l2_covers_history_and_candidates_not_the_auxiliary_negatives():
+    """Uniformly drawn aux negatives would decay rare rows (large 1/n_j) at every draw: left out."""
+    from types import SimpleNamespace
+
+    from facetrec.data.batches import RankingBatch
+    from facetrec.train.ranking import embed_l2_term
+
+    torch.manual_seed(0)
+    items = SimpleNamespace(id_emb=torch.nn.Embedding(10, 3))
+    model = SimpleNamespace(items=items)
+    hist = torch.tensor([[1, 2, 0], [2, 4, 5]])
+    b = RankingBatch(user=torch.tensor([1, 2]), hist=hist, hist_mask=hist > 0, aux_neg=torch.tensor([[7, 8, 0], [9, 7, 6]]),
+                     target=torch.tensor([3, 1]), label=torch.tensor([1.0, 0.0]))
+    inv_freq = torch.full((10,), 0.5)
+    reg = embed_l2_term(model, b, 2.0, inv_freq)
+    w = items.id_emb.weight.detach()
+    assert torch.isclose(reg, 2.0 * 0.5 * w[[1, 2, 3, 4, 5]].pow(2).sum())
+    reg.backward()
+    g = items.id_emb.weight.grad
+    assert torch.all(g[[0, 6, 7, 8, 9]] == 0) and torch.all(g[[1, 2, 3, 4, 5]].abs().sum(1) > 0)

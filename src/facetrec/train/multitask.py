@@ -164,7 +164,7 @@ def multitask_task(cfg: Config, prep: Prepared, model: PLE, device: torch.device
         total, parts = multitask_loss(model, batch, out)
         logs = {k: float(v) for k, v in parts.items()}
         if inv_freq is not None:
-            reg = embed_l2_term(model, batch, l2, inv_freq, model.dien is not None and model.dien.cfg.aux_alpha > 0)
+            reg = embed_l2_term(model, batch, l2, inv_freq)
             total = total + reg
             logs["l2"] = float(reg.detach())
         if model.uie is not None and model.training:
