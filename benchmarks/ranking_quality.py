@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/ranking_quality.py --seeds 0 1 2 --out benchmarks/results/ranking_quality.json
 
-Variants: base, DIN, DIEN without the auxiliary loss (AUGRU, the amazon-beauty config as is),
-DIEN with the auxiliary loss (α = AUX_ALPHA) and AIGRU / AGRU / AUGRU. Each is
+Variants: base, DIN, DIEN (AUGRU) without the auxiliary loss, and DIEN with the auxiliary loss
+(α = AUX_ALPHA) and AIGRU / AGRU / AUGRU — the last is the amazon-beauty config as is. Each is
 a `facetrec train` run (configs/amazon-beauty/{base,din,dien}.yaml + overrides). Prints mean ± std
 of test AUC, GAUC, logloss, and the AUC of the sparse (<= 5 events) bucket.
 """
@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-AUX_ALPHA = 0.1  # the auxiliary-loss rows' α (the config's own α is 0: best valid AUC, docs/benchmarks.md)
+AUX_ALPHA = 0.1  # the auxiliary-loss rows' α, the config's own (best valid AUC, docs/benchmarks.md)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "base": ("configs/amazon-beauty/base.yaml", []),
     "din": ("configs/amazon-beauty/din.yaml", []),

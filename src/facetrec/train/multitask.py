@@ -30,7 +30,7 @@ from facetrec.io import write_json
 from facetrec.models.ple import PLE, PLEConfig, multitask_loss
 from facetrec.train.build import build_model, make_config
 from facetrec.train.loop import Task, load_checkpoint
-from facetrec.train.ranking import embed_l2_term, item_frequencies
+from facetrec.train.ranking import embed_l2_term, inverse_item_frequencies
 
 BUCKET_EDGES = (5, 20)
 TRUNCATIONS = (1, 2, 3, 5)
@@ -151,7 +151,7 @@ def multitask_task(cfg: Config, prep: Prepared, model: PLE, device: torch.device
     valid = multitask_samples(prep, "valid", model.cfg)
     bs = cfg.train.batch_size
     l2 = cfg.train.embed_l2
-    inv_freq = torch.from_numpy(1.0 / item_frequencies(prep, train)).float().to(device) if l2 > 0 else None
+    inv_freq = inverse_item_frequencies(prep, train, device) if l2 > 0 else None
 
     def batches(seed: int):
         if model.uie is not None:
