@@ -16,7 +16,10 @@ Workload: 20k items, 200 categories (one per item), histories of 50 with real le
 5..50 (left-aligned, 0-padded), an auxiliary negative per position, D = 64 per field (so
 D_b = 128 = GRU widths), batch 256, Adam(lr 1e-3), torch.set_num_threads(2). Batches are built
 up front and converted to each peer's input format up front; only the training step (forward,
-loss, backward, optimizer step) is timed. Every model trains with BCE + 1.0 x its own auxiliary
+loss, backward, optimizer step) is timed, in rounds: each round times one window of --steps
+steps per model, the models one after the other (--repeats rounds), so slow drifts of the
+machine's load hit every model alike. Printed per peer: the ratio of best windows, of median
+windows, and the median (and min) of the same-round ratios. Every model trains with BCE + 1.0 x its own auxiliary
 loss, AUGRU evolution, output MLP (200, 80) with Dice. The models are the libraries' own, so they
 differ in detail (reported, not hidden):
 - ours: one extractor GRU and one AUGRU, 128 wide, over id ⊕ category; inner-product aux loss.
@@ -128,15 +131,24 @@ def matmul_gflops(n: int, k: int, m: int, seconds: float = 1.0) -> float:
 # ---------------------------------------------------------------- timing
 
 
-def time_training(step: Callable[[int], None], n_batch: int, batch: int, warmup: int, steps: int, repeats: int) -> list[float]:
-    for i in range(warmup):
-        step(i)
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for i in range(steps):
+OURS = "facetrec DIEN (AUGRU + aux)"
+
+
+def time_alternating(steps: dict[str, Callable[[int], None]], batch: int, warmup: int, n_steps: int,
+                     repeats: int) -> dict[str, list[float]]:
+    """Samples/s of each model's training step in `repeats` rounds; a round times one window of
+    `n_steps` steps per model, one model after the other, so that every model sees the same
+    stretches of the machine's load (slow drifts hit all alike instead of whichever ran last)."""
+    for step in steps.values():
+        for i in range(warmup):
             step(i)
-        rates.append(steps * batch / (time.perf_counter() - t0))
+    rates: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(repeats):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            for i in range(n_steps):
+                step(i)
+            rates[name].append(n_steps * batch / (time.perf_counter() - t0))
     return rates
 
 
@@ -284,7 +296,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=3, help="timed windows per model; best and median are printed")
+    ap.add_argument("--repeats", type=int, default=5, help="rounds of timed windows (one per model, alternating); "
+                    "best, median and the median of same-round ratios are printed")
     ap.add_argument("--only", default="dien,din,base,peers,serve", help="comma list of parts to run")
     ap.add_argument("--loops", default="script", choices=["script", "eager", "compile"],
                     help="how DIEN's time loops run: TorchScript (the library's choice), plain eager, torch.compile")
@@ -315,36 +328,42 @@ def main() -> None:
 
     print("training throughput")
     cfg = DIENConfig(n_items=args.items, embed_dim=args.dim)
+    steps: dict[str, Callable[[int], None]] = {}  # name -> one training step; timed in alternating windows
     dien = None
     if "dien" in parts:
         torch.manual_seed(0)
         dien = DIEN(cfg, feats, vocab).train()
-        report("facetrec DIEN (AUGRU + aux)", time_training(ours_step(dien, batches), len(batches), args.batch,
-                                                             args.warmup, args.steps, args.repeats))
+        steps[OURS] = ours_step(dien, batches)
     for name, cls in (("din", DIN), ("base", BaseModel)):
         if name in parts:
             torch.manual_seed(0)
-            report(f"facetrec {'DIN' if name == 'din' else 'base model'}", time_training(
-                ours_step(cls(cfg, feats, vocab).train(), batches), len(batches), args.batch, args.warmup, args.steps,
-                args.repeats))
+            steps[f"facetrec {'DIN' if name == 'din' else 'base model'}"] = ours_step(cls(cfg, feats, vocab).train(), batches)
     peers = load_peers(args, cate) if "peers" in parts else []
     labels = [b.label for b in batches]
     for peer in peers:
         torch.manual_seed(0)
         peer.model.train()
-        inputs = [peer.inputs(b) for b in batches]
-        report(peer.name, time_training(peer_step(peer, inputs, labels), len(batches), args.batch, args.warmup,
-                                        args.steps, args.repeats))
-    ours = res["train"].get("facetrec DIEN (AUGRU + aux)")
-    if ours:
+        steps[peer.name] = peer_step(peer, [peer.inputs(b) for b in batches], labels)
+    windows = time_alternating(steps, args.batch, args.warmup, args.steps, args.repeats)
+    for name, rates in windows.items():
+        report(name, rates)
+    if OURS in windows:
+        res["ratio"] = {}
         for peer in peers:
-            r = res["train"][peer.name]
-            print(f"  ratio facetrec DIEN / {peer.name}: {ours['best'] / r['best']:.1f}x (best), "
-                  f"{ours['median'] / r['median']:.1f}x (median)")
+            # windows of one round are adjacent in time and share the machine's load: their ratio
+            # is the least noisy comparison; best / median compare each model's own extremes
+            pairs = [a / b for a, b in zip(windows[OURS], windows[peer.name])]
+            ours, r = res["train"][OURS], res["train"][peer.name]
+            res["ratio"][peer.name] = {"best": ours["best"] / r["best"], "median": ours["median"] / r["median"],
+                                       "paired_median": statistics.median(pairs), "paired_min": min(pairs),
+                                       "paired": pairs}
+            print(f"  ratio facetrec DIEN / {peer.name}: {ours['best'] / r['best']:.2f}x (best), "
+                  f"{ours['median'] / r['median']:.2f}x (median), {statistics.median(pairs):.2f}x (median of "
+                  f"same-round ratios, min {min(pairs):.2f}x)")
 
     if dien is not None:
         flops = statistics.fmean(flops_dien_step(dien, b) for b in batches)
-        step_s = args.batch / res["train"]["facetrec DIEN (AUGRU + aux)"]["best"]
+        step_s = args.batch / res["train"][OURS]["best"]
         peak = matmul_gflops(2048, 2048, 2048)
         small = matmul_gflops(256, 128, 384)
         res["gflops"] = {"dien_step_gflop": flops / 1e9, "dien_gflops": flops / step_s / 1e9,
