@@ -96,8 +96,8 @@ class TrainConfig:
     n_negatives: int = 1000  # retrieval: sampled negatives per batch
     negatives: str = "uniform"  # retrieval: uniform | popularity
     in_batch_negatives: bool = False
-    embed_l2: float = 0.0  # ranking / PLE: λ of the mini-batch-aware L2 (DIN paper §4.3.1) on the item-id embeddings of a batch's histories and candidates, each weighted 1 / its training frequency
-    resample_negatives: bool = False  # ranking: draw the training negatives (targets' and DIEN's auxiliary ones) afresh every epoch
+    embed_l2: float = 0.0  # ranking / PLE / retrieval: λ of the mini-batch-aware L2 (DIN paper §4.3.1) on the item-id embeddings of a batch's histories and candidates (targets), each weighted 1 / its training frequency
+    resample_negatives: bool = False  # ranking and multi-task (PLE): draw the training negatives (targets' and DIEN's auxiliary ones) afresh every epoch
     protocol: str = "user_split"  # retrieval: user_split | leave_last_out
     top_m: int = 200  # retrieval eval: candidates per interest
     index: str = "exact"  # exact | hnsw | ivf | ivfpq

@@ -207,3 +207,29 @@ def test_tiny_ple_without_uie_and_a_wrong_task_for_the_data(synth_prepared, tmp_
         train(_cfg(raw, tmp_path / "bad", "ple", ["data.rating=", "model.tasks=[engaged, liked]"]), progress=False)
     with pytest.raises(ConfigError, match="warm_start"):
         train(_cfg(raw, tmp_path / "bad2", "ple", ["data.rating=", "model.warm_start=/nonexistent/run"]), progress=False)
+
+
+def test_multitask_negatives_are_redrawn_each_epoch_when_asked(synth_prepared):
+    """train.resample_negatives in the multi-task trainer: each epoch seed gives new negative targets
+    (never one of the user's items) and new auxiliary negatives; positives, labels and histories stay."""
+    from facetrec.data.dataset import Prepared
+    from facetrec.train.multitask import build_ple, multitask_task
+
+    prep_dir, raw = synth_prepared
+    prep = Prepared(prep_dir)
+    seen = set(zip(np.repeat(np.arange(1, prep.n_users), prep.counts[1:]).tolist(), prep.items.tolist()))
+
+    def first_batches(resample: bool, seed: int):
+        cfg = _cfg(raw, prep_dir / "unused", "ple", ["data.rating=", f"train.resample_negatives={str(resample).lower()}"])
+        task = multitask_task(cfg, prep, build_ple(cfg, prep, fresh=False))
+        return [b for _, b in zip(range(3), task.batches(seed))]
+
+    fixed, a, a2, b = first_batches(False, 1), first_batches(True, 1), first_batches(True, 2), first_batches(True, 1)
+    for f, x, y in zip(fixed, a, b):
+        neg = x.label == 0
+        assert torch.equal(x.labels, f.labels) and torch.equal(x.hist, f.hist) and torch.equal(x.user, f.user)
+        assert torch.equal(x.target[~neg], f.target[~neg]) and (x.target[neg] != f.target[neg]).float().mean() > 0.9
+        assert torch.equal(x.target, y.target) and torch.equal(x.aux_neg, y.aux_neg)  # seeded
+        assert ((x.aux_neg != f.aux_neg) & x.hist_mask).any() and not ((x.aux_neg == x.hist) & x.hist_mask).any()
+        assert not any((u, i) in seen for u, i in zip(x.user[neg].tolist(), x.target[neg].tolist()))
+    assert any(not torch.equal(x.target, z.target) for x, z in zip(a, a2))

@@ -27,7 +27,7 @@ def test_mini_batch_l2_touches_each_batch_row_once_weighted_by_its_frequency():
 def test_item_frequencies_count_candidates_and_history_windows(synth_prepared):
     prep = Prepared(synth_prepared[0])
     s = ranking_samples(prep, "train")
-    n = item_frequencies(prep, s)
+    n = item_frequencies(prep, s.user, s.pos, s.target)
     assert n.shape == (prep.n_items,) and (n >= 1).all()
     (hist,), _ = prep.windows(s.user, s.pos, prep.max_history, (prep.items,))
     j = int(s.target[0])

@@ -30,7 +30,7 @@ from facetrec.io import write_json
 from facetrec.models.ple import PLE, PLEConfig, multitask_loss
 from facetrec.train.build import build_model, make_config
 from facetrec.train.loop import Task, load_checkpoint
-from facetrec.train.ranking import embed_l2_term, inverse_item_frequencies
+from facetrec.train.ranking import embed_l2_term, epoch_negatives, inverse_item_frequencies, redraw_negative_targets
 
 BUCKET_EDGES = (5, 20)
 TRUNCATIONS = (1, 2, 3, 5)
@@ -52,12 +52,17 @@ class MultiTaskSamples:
     target: np.ndarray  # (S,)
     labels: np.ndarray  # (S, K) float32
     mask: np.ndarray  # (S, K) bool: the sample counts for the task
+    clicked: np.ndarray  # (S,) bool: a positive sample (label 1); negatives are 0 for every task
 
     def __len__(self) -> int:
         return len(self.user)
 
     def subset(self, keep: np.ndarray) -> "MultiTaskSamples":
-        return MultiTaskSamples(self.user[keep], self.pos[keep], self.target[keep], self.labels[keep], self.mask[keep])
+        return MultiTaskSamples(self.user[keep], self.pos[keep], self.target[keep], self.labels[keep], self.mask[keep],
+                                self.clicked[keep])
+
+    def with_targets(self, target: np.ndarray) -> "MultiTaskSamples":
+        return MultiTaskSamples(self.user, self.pos, target, self.labels, self.mask, self.clicked)
 
 
 def task_labels(df: pl.DataFrame, cfg: PLEConfig, where: str = "ranking.parquet") -> tuple[np.ndarray, np.ndarray]:
@@ -91,15 +96,18 @@ def multitask_samples(prep: Prepared, split: str, cfg: PLEConfig) -> MultiTaskSa
     df = pl.read_parquet(prep.path / "ranking.parquet").filter(pl.col("split") == split)
     y, m = task_labels(df, cfg, str(prep.path / "ranking.parquet"))
     return MultiTaskSamples(df["user"].to_numpy().astype(np.int64), df["pos"].to_numpy().astype(np.int64),
-                            df["target"].to_numpy().astype(np.int64), y, m)
+                            df["target"].to_numpy().astype(np.int64), y, m, df["label"].to_numpy() == 1)
 
 
-def multitask_batch(prep: Prepared, s: MultiTaskSamples, idx: np.ndarray, max_len: int, truncate: int = 0) -> MultiTaskBatch:
+def multitask_batch(prep: Prepared, s: MultiTaskSamples, idx: np.ndarray, max_len: int, truncate: int = 0,
+                    aux_neg: Optional[np.ndarray] = None) -> MultiTaskBatch:
     """A batch of samples `idx`. truncate > 0: simulated cold start — only the last `truncate` history
-    events are kept and the user counts as unseen (id 0: no per-user memory, no user embedding)."""
+    events are kept and the user counts as unseen (id 0: no per-user memory, no user embedding).
+    `aux_neg` (one per event) replaces prepare's auxiliary negatives."""
     users = s.user[idx]
     width = min(truncate, max_len) if truncate else max_len
-    (hist, aux), mask = prep.windows(users, s.pos[idx], width, (prep.items, prep.aux_neg))
+    aux_neg = prep.aux_neg if aux_neg is None else aux_neg
+    (hist, aux), mask = prep.windows(users, s.pos[idx], width, (prep.items, aux_neg))
     n_events = np.minimum(s.pos[idx], truncate) if truncate else s.pos[idx]
     shown = np.zeros_like(users) if truncate else users
     return MultiTaskBatch(
@@ -151,13 +159,19 @@ def multitask_task(cfg: Config, prep: Prepared, model: PLE, device: torch.device
     valid = multitask_samples(prep, "valid", model.cfg)
     bs = cfg.train.batch_size
     l2 = cfg.train.embed_l2
-    inv_freq = inverse_item_frequencies(prep, train, device) if l2 > 0 else None
+    inv_freq = inverse_item_frequencies(prep, train.user, train.pos, train.target, device) if l2 > 0 else None
 
     def batches(seed: int):
         if model.uie is not None:
             model.uie.start_epoch()
-        for idx in minibatches(len(train), bs, True, seed, rank, world):
-            yield multitask_batch(prep, train, idx, prep.max_history).to(device)
+        # train.resample_negatives: fresh negative targets (labels and masks stay: a negative is 0
+        # for every task) and auxiliary negatives per epoch seed, the same draw on every rank
+        epoch = train
+        if cfg.train.resample_negatives:
+            epoch = train.with_targets(redraw_negative_targets(prep, train.user, train.target, ~train.clicked, seed))
+        aux = epoch_negatives(cfg, prep, seed)
+        for idx in minibatches(len(epoch), bs, True, seed, rank, world):
+            yield multitask_batch(prep, epoch, idx, prep.max_history, aux_neg=aux).to(device)
 
     def loss(batch: MultiTaskBatch):
         out = model.outputs(batch, with_aux=True)

@@ -58,26 +58,43 @@ def ranking_metrics(s: RankingSamples, probs: np.ndarray) -> dict[str, Any]:
     return out
 
 
+def redraw_negative_targets(prep: Prepared, user: np.ndarray, target: np.ndarray, negative: np.ndarray,
+                            seed: int) -> np.ndarray:
+    """A copy of `target` with the `negative` samples' targets redrawn by prepare's rule: an item
+    the user never interacted with. The other targets are kept."""
+    target = target.copy()
+    target[negative] = sample_negatives_for_users(np.random.default_rng(seed), user[negative], prep.n_items,
+                                                  prep.pair_keys())
+    return target
+
+
 def fresh_negatives(prep: Prepared, s: RankingSamples, seed: int) -> RankingSamples:
-    """`s` with every negative (label 0) target redrawn by prepare's rule: an item the user never
-    interacted with. Positives, histories and the sample order are unchanged."""
-    neg = s.label == 0
-    target = s.target.copy()
-    target[neg] = sample_negatives_for_users(np.random.default_rng(seed), s.user[neg], prep.n_items, prep.pair_keys())
-    return RankingSamples(s.user, s.pos, target, s.label)
+    """`s` with every negative (label 0) target redrawn (`redraw_negative_targets`). Positives,
+    histories and the sample order are unchanged."""
+    return RankingSamples(s.user, s.pos, redraw_negative_targets(prep, s.user, s.target, s.label == 0, seed), s.label)
 
 
-def item_frequencies(prep: Prepared, s: RankingSamples) -> np.ndarray:
-    """n_j >= 1 per item: how often item j is a training sample's candidate or in its history window."""
-    n = np.bincount(s.target, minlength=prep.n_items).astype(np.float64)
-    (hist,), _ = prep.windows(s.user, s.pos, prep.max_history, (prep.items,))
+def epoch_negatives(cfg: Config, prep: Prepared, seed: int) -> np.ndarray | None:
+    """DIEN's auxiliary negatives for the epoch of `seed` under `train.resample_negatives` (one per
+    event, the same draw on every rank), else None (prepare's)."""
+    if not cfg.train.resample_negatives:
+        return None
+    return sample_aux_negatives(np.random.default_rng([seed, 1]), prep.items, prep.n_items)
+
+
+def item_frequencies(prep: Prepared, user: np.ndarray, pos: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """n_j >= 1 per item: how often item j is a training sample's target (candidate) or in its
+    history window (the user's events before `pos`)."""
+    n = np.bincount(target, minlength=prep.n_items).astype(np.float64)
+    (hist,), _ = prep.windows(user, pos, prep.max_history, (prep.items,))
     n += np.bincount(hist.ravel(), minlength=prep.n_items)[:prep.n_items]
     return np.maximum(n, 1.0)
 
 
-def inverse_item_frequencies(prep: Prepared, s: RankingSamples, device: torch.device | str) -> torch.Tensor:
+def inverse_item_frequencies(prep: Prepared, user: np.ndarray, pos: np.ndarray, target: np.ndarray,
+                             device: torch.device | str) -> torch.Tensor:
     """1 / n_j (`item_frequencies`) as the float tensor `mini_batch_l2` weighs rows with."""
-    return torch.from_numpy(1.0 / item_frequencies(prep, s)).float().to(device)
+    return torch.from_numpy(1.0 / item_frequencies(prep, user, pos, target)).float().to(device)
 
 
 def mini_batch_l2(table: torch.Tensor, ids: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -106,14 +123,12 @@ def ranking_task(cfg: Config, prep: Prepared, model: torch.nn.Module, device: to
     valid = ranking_samples(prep, "valid")
     bs = cfg.train.batch_size
     l2 = cfg.train.embed_l2
-    inv_freq = inverse_item_frequencies(prep, train, device) if l2 > 0 else None
+    inv_freq = inverse_item_frequencies(prep, train.user, train.pos, train.target, device) if l2 > 0 else None
 
     def batches(seed: int):
         # fresh negatives per epoch seed, for the targets and DIEN's auxiliary loss: the same draw on every rank
-        epoch, aux = train, None
-        if cfg.train.resample_negatives:
-            epoch = fresh_negatives(prep, train, seed)
-            aux = sample_aux_negatives(np.random.default_rng([seed, 1]), prep.items, prep.n_items)
+        epoch = fresh_negatives(prep, train, seed) if cfg.train.resample_negatives else train
+        aux = epoch_negatives(cfg, prep, seed)
         for idx in minibatches(len(epoch), bs, True, seed, rank, world):
             yield ranking_batch(prep, epoch, idx, prep.max_history, aux).to(device)
 
