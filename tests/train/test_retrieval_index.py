@@ -36,3 +36,41 @@ def test_index_kind_params_and_shards_come_from_the_config(synth_prepared):
     assert 0.0 < pq["ann_recall@50_vs_exact"] < 1.0
     with pytest.raises(ConfigError, match="unknown ivfpq index parameter.*'efSearch'"):
         evaluate_mind(model, prep, es, cfg("train.index=ivfpq", "train.index_params={efSearch: 64}"))
+
+
+def test_retrieval_loss_takes_the_mini_batch_l2_on_history_and_target_ids(synth_prepared):
+    """train.embed_l2 in retrieval: λ Σ_j ||E[j]||² / n_j over the batch's history + target ids, added to the
+    sampled-softmax loss and logged; the sampled negatives' rows get no L2 gradient."""
+    from facetrec.data.dataset import retrieval_train_samples
+    from facetrec.train.ranking import item_frequencies
+    from facetrec.train.retrieval import build_mind, retrieval_task
+
+    prep = Prepared(synth_prepared[0])
+    sets = ["model.name=youtubednn", "model.n_interests=1", "model.dim=8", "model.hidden=[8]", "train.batch_size=32"]
+    cfg, cfg0 = load_config(CONFIG, [*sets, "train.embed_l2=0.5"]), load_config(CONFIG, sets)
+    torch.manual_seed(0)
+    model = build_mind(cfg, prep)
+
+    def grad_of(c):  # loss and table gradient of the first batch (both tasks draw the same negatives)
+        task = retrieval_task(c, prep, model)
+        batch = next(iter(task.batches(0)))
+        model.zero_grad()
+        loss, parts = task.loss(batch)
+        loss.backward()
+        return batch, parts, model.items.table.grad.clone()
+
+    batch, parts, g = grad_of(cfg)
+    _, parts0, g0 = grad_of(cfg0)
+    ids = torch.cat([batch.hist[batch.hist_mask], batch.target]).unique()
+    u, p = retrieval_train_samples(prep, cfg.train.protocol)
+    n = torch.from_numpy(item_frequencies(prep, u, p, prep.items[prep.offsets[u - 1] + p])).float()
+    with torch.no_grad():
+        expected = 0.5 * (model.items.table[ids].pow(2).sum(1) / n[ids]).sum()
+    assert "l2" not in parts0 and parts["l2"] == pytest.approx(float(expected), rel=1e-5)
+    # the L2's gradient 2 λ E[j] / n_j lands on exactly the batch's id rows
+    diff = g - g0
+    touched = diff.abs().sum(1) > 0
+    assert touched[ids].all() and int(touched.sum()) == len(ids)
+    with torch.no_grad():
+        want = 2 * 0.5 * model.items.table[ids] / n[ids, None]
+    assert torch.allclose(diff[ids], want, atol=1e-6)

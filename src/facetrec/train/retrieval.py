@@ -24,6 +24,7 @@ from facetrec.models.mind import MIND
 from facetrec.train.build import build_model, make_config
 from facetrec.train.distributed import global_shares
 from facetrec.train.loop import Task
+from facetrec.train.ranking import inverse_item_frequencies, mini_batch_l2
 
 KS = (20, 50)
 
@@ -140,6 +141,11 @@ def retrieval_task(cfg: Config, prep: Prepared, model: MIND, device: torch.devic
     sampler = NegativeSampler(prep.item_counts, mode=cfg.train.negatives, seed=cfg.train.seed)
     valid_set = retrieval_eval_set(prep, "valid", cfg.train.protocol, cfg.train.max_eval_users, seed=cfg.train.seed)
     bs = cfg.train.batch_size
+    l2 = cfg.train.embed_l2
+    inv_freq = None
+    if l2 > 0:
+        targets = prep.items[prep.offsets[users - 1] + pos]
+        inv_freq = inverse_item_frequencies(prep, users, pos, targets, device)
 
     def batches(seed: int):
         # random streams restart from the epoch's seed: a resumed run continues like an uninterrupted one
@@ -151,7 +157,14 @@ def retrieval_task(cfg: Config, prep: Prepared, model: MIND, device: torch.devic
     def loss(batch):
         (share,) = global_shares(len(batch.target))  # rows are independent given the shared negatives
         value = retrieval_loss(model, batch, sampler, cfg.train.n_negatives, in_batch=cfg.train.in_batch_negatives)
-        return value * share, {}
+        value = value * share
+        if inv_freq is None:
+            return value, {}
+        # train.embed_l2 on the item-id rows of the batch's histories and targets (not the sampled
+        # negatives: uniform draws would decay rare items at random, as with DIEN's aux negatives)
+        ids = torch.cat([batch.hist.ravel(), batch.target.ravel()])
+        reg = l2 * mini_batch_l2(model.items.table, ids, inv_freq)
+        return value + reg, {"l2": float(reg.detach())}
 
     return Task(model=model, batches=batches, n_batches=-(-len(users) // bs), loss=loss,
                 evaluate=lambda split: evaluate_mind(model, prep, valid_set, cfg, device=device), monitor="recall@50")
