@@ -68,6 +68,7 @@ from facetrec.data.batches import RankingBatch  # noqa: E402
 from facetrec.models import dien as dien_mod  # noqa: E402
 from facetrec.models.dien import DIEN, DIN, BaseModel, DIENConfig, ranking_loss  # noqa: E402
 from facetrec.train.loop import make_optimizer  # noqa: E402
+from timing import interleaved  # noqa: E402  (benchmarks/timing.py)
 
 
 # ---------------------------------------------------------------- workload
@@ -132,24 +133,6 @@ def matmul_gflops(n: int, k: int, m: int, seconds: float = 1.0) -> float:
 
 
 OURS = "facetrec DIEN (AUGRU + aux)"
-
-
-def time_alternating(steps: dict[str, Callable[[int], None]], batch: int, warmup: int, n_steps: int,
-                     repeats: int) -> dict[str, list[float]]:
-    """Samples/s of each model's training step in `repeats` rounds; a round times one window of
-    `n_steps` steps per model, one model after the other, so that every model sees the same
-    stretches of the machine's load (slow drifts hit all alike instead of whichever ran last)."""
-    for step in steps.values():
-        for i in range(warmup):
-            step(i)
-    rates: dict[str, list[float]] = {name: [] for name in steps}
-    for r in range(repeats):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            for i in range(n_steps):
-                step(i)
-            rates[name].append(n_steps * batch / (time.perf_counter() - t0))
-    return rates
 
 
 def time_calls(call: Callable[[], object], n: int, warmup: int = 10) -> dict[str, float]:
@@ -344,7 +327,7 @@ def main() -> None:
         torch.manual_seed(0)
         peer.model.train()
         steps[peer.name] = peer_step(peer, [peer.inputs(b) for b in batches], labels)
-    windows = time_alternating(steps, args.batch, args.warmup, args.steps, args.repeats)
+    windows = interleaved(steps, args.batch, args.warmup, args.steps, args.repeats)
     for name, rates in windows.items():
         report(name, rates)
     if OURS in windows:

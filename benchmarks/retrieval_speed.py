@@ -67,7 +67,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -81,6 +80,7 @@ from facetrec.data.batches import RetrievalBatch  # noqa: E402
 from facetrec.models.losses import NegativeSampler, retrieval_loss  # noqa: E402
 from facetrec.models.mind import MIND, MINDConfig  # noqa: E402
 from facetrec.train.loop import make_optimizer  # noqa: E402
+from timing import interleaved  # noqa: E402  (benchmarks/timing.py)
 
 
 # ---------------------------------------------------------------- workload
@@ -100,22 +100,6 @@ def make_batches(n: int, batch: int, hist: int, min_len: int, n_items: int, n_us
 
 
 # ---------------------------------------------------------------- timing
-
-
-def interleaved(runs: dict[str, Callable[[int], None]], batch: int, warmup: int, steps: int,
-                repeats: int) -> dict[str, list[float]]:
-    """samples/s of each run over `repeats` windows of `steps` calls, the runs' windows alternating (ABAB...)."""
-    for run in runs.values():
-        for i in range(warmup):
-            run(i)
-    rates: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            t0 = time.perf_counter()
-            for i in range(steps):
-                run(i)
-            rates[name].append(steps * batch / (time.perf_counter() - t0))
-    return rates
 
 
 def ours_train_step(model: MIND, batches: list[RetrievalBatch], sampler: NegativeSampler, n_neg: int) -> Callable[[int], None]:
