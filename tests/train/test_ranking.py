@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from facetrec.data.dataset import Prepared, ranking_samples
-from facetrec.train.ranking import item_frequencies, mini_batch_l2
+from facetrec.train.l2 import item_frequencies, mini_batch_l2
 
 
 def test_mini_batch_l2_touches_each_batch_row_once_weighted_by_its_frequency():
@@ -56,7 +56,7 @@ def test_embed_l2_covers_history_and_candidates_not_the_auxiliary_negatives():
     from types import SimpleNamespace
 
     from facetrec.data.batches import RankingBatch
-    from facetrec.train.ranking import embed_l2_term
+    from facetrec.train.l2 import embed_l2_term
 
     torch.manual_seed(0)
     items = SimpleNamespace(id_emb=torch.nn.Embedding(10, 3))
@@ -65,7 +65,7 @@ def test_embed_l2_covers_history_and_candidates_not_the_auxiliary_negatives():
     b = RankingBatch(user=torch.tensor([1, 2]), hist=hist, hist_mask=hist > 0, aux_neg=torch.tensor([[7, 8, 0], [9, 7, 6]]),
                      target=torch.tensor([3, 1]), label=torch.tensor([1.0, 0.0]))
     inv_freq = torch.full((10,), 0.5)
-    reg = embed_l2_term(model, b, 2.0, inv_freq)
+    reg = embed_l2_term(model.items.id_emb.weight, b, 2.0, inv_freq)
     w = items.id_emb.weight.detach()
     assert torch.isclose(reg, 2.0 * 0.5 * w[[1, 2, 3, 4, 5]].pow(2).sum())
     reg.backward()

@@ -42,7 +42,7 @@ def test_retrieval_loss_takes_the_mini_batch_l2_on_history_and_target_ids(synth_
     """train.embed_l2 in retrieval: λ Σ_j ||E[j]||² / n_j over the batch's history + target ids, added to the
     sampled-softmax loss and logged; the sampled negatives' rows get no L2 gradient."""
     from facetrec.data.dataset import retrieval_train_samples
-    from facetrec.train.ranking import item_frequencies
+    from facetrec.train.l2 import item_frequencies
     from facetrec.train.retrieval import build_mind, retrieval_task
 
     prep = Prepared(synth_prepared[0])

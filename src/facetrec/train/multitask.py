@@ -30,7 +30,8 @@ from facetrec.io import write_json
 from facetrec.models.ple import PLE, PLEConfig, multitask_loss
 from facetrec.train.build import build_model, make_config
 from facetrec.train.loop import Task, load_checkpoint
-from facetrec.train.ranking import embed_l2_term, epoch_negatives, inverse_item_frequencies, redraw_negative_targets
+from facetrec.train.l2 import embed_l2_term, inverse_item_frequencies
+from facetrec.train.ranking import epoch_negatives, redraw_negative_targets
 
 BUCKET_EDGES = (5, 20)
 TRUNCATIONS = (1, 2, 3, 5)
@@ -178,7 +179,7 @@ def multitask_task(cfg: Config, prep: Prepared, model: PLE, device: torch.device
         total, parts = multitask_loss(model, batch, out)
         logs = {k: float(v) for k, v in parts.items()}
         if inv_freq is not None:
-            reg = embed_l2_term(model, batch, l2, inv_freq)
+            reg = embed_l2_term(model.items.id_emb.weight, batch, l2, inv_freq)
             total = total + reg
             logs["l2"] = float(reg.detach())
         if model.uie is not None and model.training:

@@ -13,13 +13,13 @@ import numpy as np
 import torch
 
 from facetrec.config import Config
-from facetrec.data.batches import RankingBatch
 from facetrec.data.dataset import Prepared, RankingSamples, minibatches, ranking_batch, ranking_samples
 from facetrec.data.prepare import sample_aux_negatives, sample_negatives_for_users
 from facetrec.eval.metrics import auc, bucket_of, gauc, logloss
 from facetrec.models import dien as dien_mod
 from facetrec.train.build import build_model, make_config
-from facetrec.train.distributed import global_shares, owned_distinct_ids
+from facetrec.train.distributed import global_shares
+from facetrec.train.l2 import embed_l2_term, inverse_item_frequencies
 from facetrec.train.loop import Task
 
 BUCKET_EDGES = (5, 20)
@@ -82,41 +82,6 @@ def epoch_negatives(cfg: Config, prep: Prepared, seed: int) -> np.ndarray | None
     return sample_aux_negatives(np.random.default_rng([seed, 1]), prep.items, prep.n_items)
 
 
-def item_frequencies(prep: Prepared, user: np.ndarray, pos: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """n_j >= 1 per item: how often item j is a training sample's target (candidate) or in its
-    history window (the user's events before `pos`)."""
-    n = np.bincount(target, minlength=prep.n_items).astype(np.float64)
-    (hist,), _ = prep.windows(user, pos, prep.max_history, (prep.items,))
-    n += np.bincount(hist.ravel(), minlength=prep.n_items)[:prep.n_items]
-    return np.maximum(n, 1.0)
-
-
-def inverse_item_frequencies(prep: Prepared, user: np.ndarray, pos: np.ndarray, target: np.ndarray,
-                             device: torch.device | str) -> torch.Tensor:
-    """1 / n_j (`item_frequencies`) as the float tensor `mini_batch_l2` weighs rows with."""
-    return torch.from_numpy(1.0 / item_frequencies(prep, user, pos, target)).float().to(device)
-
-
-def mini_batch_l2(table: torch.Tensor, ids: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Σ_j ||w_j||² / n_j over the distinct non-padding ids of a batch (DIN paper, eq. 4): only the
-    rows a batch touches are regularised, rare ones more per appearance, so over an epoch every
-    row gets about one full L2 step whatever its frequency. Under DDP over the global batch's
-    distinct ids, each once (`owned_distinct_ids`)."""
-    j, scale = owned_distinct_ids(ids)
-    return scale * (table[j].pow(2).sum(1) * inv_freq[j]).sum()
-
-
-def embed_l2_term(model: torch.nn.Module, batch: RankingBatch, l2: float, inv_freq: torch.Tensor) -> torch.Tensor:
-    """`train.embed_l2`'s term for one batch: λ · mini_batch_l2 over the batch's history and
-    candidate ids.
-
-    DIEN's auxiliary negatives are left out: they are drawn uniformly, so a rare item (large
-    1 / n_j) would be decayed at every random draw — measured on amazon-beauty (seed 0, α = 0.1)
-    that over-regularisation turned the auxiliary loss from a gain (test AUC 0.8459) into a
-    cost (0.8413; no aux loss 0.8445)."""
-    return l2 * mini_batch_l2(model.items.id_emb.weight, torch.cat([batch.hist.ravel(), batch.target.ravel()]), inv_freq)
-
-
 def ranking_task(cfg: Config, prep: Prepared, model: torch.nn.Module, device: torch.device | str = "cpu",
                  rank: int = 0, world: int = 1) -> Task:
     train = ranking_samples(prep, "train")
@@ -138,7 +103,7 @@ def ranking_task(cfg: Config, prep: Prepared, model: torch.nn.Module, device: to
         bce_share, aux_share = global_shares(*counts)
         total, parts = dien_mod.ranking_loss(model, batch, bce_scale=bce_share, aux_scale=aux_share)
         if inv_freq is not None:
-            reg = embed_l2_term(model, batch, l2, inv_freq)
+            reg = embed_l2_term(model.items.id_emb.weight, batch, l2, inv_freq)
             total = total + reg
             parts["l2"] = reg.detach()
         return total, {k: float(v) for k, v in parts.items()}

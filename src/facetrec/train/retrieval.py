@@ -23,8 +23,8 @@ from facetrec.models.losses import NegativeSampler, retrieval_loss
 from facetrec.models.mind import MIND
 from facetrec.train.build import build_model, make_config
 from facetrec.train.distributed import global_shares
+from facetrec.train.l2 import embed_l2_term, inverse_item_frequencies
 from facetrec.train.loop import Task
-from facetrec.train.ranking import inverse_item_frequencies, mini_batch_l2
 
 KS = (20, 50)
 
@@ -160,10 +160,7 @@ def retrieval_task(cfg: Config, prep: Prepared, model: MIND, device: torch.devic
         value = value * share
         if inv_freq is None:
             return value, {}
-        # train.embed_l2 on the item-id rows of the batch's histories and targets (not the sampled
-        # negatives: uniform draws would decay rare items at random, as with DIEN's aux negatives)
-        ids = torch.cat([batch.hist.ravel(), batch.target.ravel()])
-        reg = l2 * mini_batch_l2(model.items.table, ids, inv_freq)
+        reg = embed_l2_term(model.items.table, batch, l2, inv_freq)  # the table's rows 0..n_items-1 are the item ids
         return value + reg, {"l2": float(reg.detach())}
 
     return Task(model=model, batches=batches, n_batches=-(-len(users) // bs), loss=loss,
