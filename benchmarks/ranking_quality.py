@@ -70,8 +70,22 @@ def main() -> None:
         valid = [r["train"]["best_valid"]["auc"] for r in runs]
         row["valid_auc"] = (statistics.mean(valid), statistics.stdev(valid) if len(valid) > 1 else 0.0)
         secs = statistics.mean(r["train"]["seconds"] for r in runs)
-        summary[name] = {"metrics": row, "train_seconds": secs, "seeds": args.seeds}
+        per_seed = {str(seed): {"auc": r["test"]["auc"], "gauc": r["test"]["gauc"], "logloss": r["test"]["logloss"],
+                                "auc<=5": r["buckets"].get("<=5", {}).get("auc"),
+                                "valid_auc": r["train"]["best_valid"]["auc"], "best_epoch": r["train"]["best_epoch"]}
+                    for seed, r in zip(args.seeds, runs)}
+        summary[name] = {"metrics": row, "train_seconds": secs, "seeds": args.seeds, "per_seed": per_seed}
         print(f"| {name} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in row.values()) + f" | {secs:.0f} |")
+    if "dien-noaux" in results and len(args.seeds) > 1:
+        print("\npaired by seed against dien-noaux (same data order and negatives): mean difference, paired t")
+        for name, runs in results.items():
+            if name == "dien-noaux":
+                continue
+            for key, get in (("test auc", lambda r: r["test"]["auc"]), ("valid auc", lambda r: r["train"]["best_valid"]["auc"])):
+                diffs = [get(a) - get(b) for a, b in zip(runs, results["dien-noaux"])]
+                sd = statistics.stdev(diffs)
+                t = statistics.mean(diffs) / (sd / len(diffs) ** 0.5) if sd > 0 else float("inf")
+                print(f"  {name} {key}: " + " ".join(f"{d:+.4f}" for d in diffs) + f"  mean {statistics.mean(diffs):+.4f}  t {t:.1f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2))
