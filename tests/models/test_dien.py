@@ -303,10 +303,10 @@ def test_din_and_base_serve_the_same_as_forward():
 # ---------------------------------------------------------------- gradients and baselines
 
 
-@pytest.mark.parametrize("attention,att_pool,aux_net,aux_bias", [("bilinear", False, "dot", False), ("mlp", False, "dot", False),
-                                                                 ("bilinear", True, "dot", True), ("bilinear", False, "mlp", False)])
-def test_gradients_reach_every_dien_parameter_but_not_the_padding_rows(attention, att_pool, aux_net, aux_bias):
-    m = make(n_users=10, attention=attention, attention_pooling=att_pool, aux_net=aux_net, aux_bias=aux_bias)
+@pytest.mark.parametrize("attention,att_pool,aux_net", [("bilinear", False, "dot"), ("mlp", False, "dot"), ("bilinear", True, "dot"),
+                                                        ("bilinear", False, "mlp")])
+def test_gradients_reach_every_dien_parameter_but_not_the_padding_rows(attention, att_pool, aux_net):
+    m = make(n_users=10, attention=attention, attention_pooling=att_pool, aux_net=aux_net)
     total, _ = ranking_loss(m, batch(junk=True))
     total.backward()
     for name, p in m.named_parameters():
@@ -372,20 +372,6 @@ def test_aux_detach_keeps_the_aux_loss_but_not_its_embedding_gradient():
     assert only_next
     for j in only_next:
         assert torch.all(g[0][j] == 0) and g_full[j].abs().sum() > 0
-
-
-def test_aux_bias_adds_one_learned_offset_to_every_inner_product_score():
-    b = batch()
-    m, mb = make(aux_alpha=1.0), make(aux_alpha=1.0, aux_bias=True)
-    mb.load_state_dict(m.state_dict(), strict=False)  # everything but the bias, which starts at 0
-    assert mb.aux_b is not None and m.aux_b is None and float(mb.aux_b) == 0.0
-    assert torch.allclose(m.logits_and_aux(b)[1], mb.logits_and_aux(b)[1])
-    h, e = torch.randn(5, 8), torch.randn(5, 8)
-    with torch.no_grad():
-        mb.aux_b.fill_(0.7)
-    assert torch.allclose(mb._aux_logit(h, e), (h * e).sum(-1) + 0.7)
-    assert torch.allclose(mb.auxiliary_loss(b, mb.interest_states(b)), mb.logits_and_aux(b)[1], atol=1e-6)
-    assert make(aux_alpha=0.0, aux_bias=True).aux_b is None  # no aux loss, no bias
 
 
 def test_config_and_feature_errors_say_what_to_do():

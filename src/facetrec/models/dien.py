@@ -73,7 +73,6 @@ class DIENConfig:
     attention_pooling: bool = False  # DIEN: Σ a_t e_b and its product with e_a also enter the output MLP (DIN's view, with DIEN's attention)
     aux_net: str = "dot"  # DIEN auxiliary scorer: "dot" = h_t · e (paper, SPEC §3.2) | "mlp" = MLP (100, 50, sigmoid) over [h_t, e] (official TF code)
     aux_detach: bool = False  # DIEN: the auxiliary loss trains the extractor GRU only (e_b[t+1], ê_b[t+1] enter it as constants)
-    aux_bias: bool = False  # DIEN, aux_net "dot": score h_t · e + b with one learned scalar b (absorbs a shared offset of h_t · e)
     pooled_product: bool = True  # DIEN: Σ e_b ∘ e_a also enters the output MLP (as in the official TF code; the base model's feature)
 
     def __post_init__(self) -> None:
@@ -588,7 +587,6 @@ class DIEN(nn.Module):
         if cfg.aux_alpha > 0 and cfg.aux_net == "mlp":
             unit = MLP(H + D, (100, 50), "sigmoid")
             self.aux_mlp = nn.Sequential(unit, nn.Linear(unit.out_dim, 1))
-        self.aux_b = nn.Parameter(torch.zeros(())) if cfg.aux_bias and cfg.aux_alpha > 0 and cfg.aux_net == "dot" else None
         self.att_w = nn.Linear(D, H, bias=False)  # a_t ∝ exp(h_t · W e_a)
         self.att_mlp: Optional[nn.Module] = None
         if cfg.attention == "mlp":
@@ -660,8 +658,7 @@ class DIEN(nn.Module):
         if self.aux_mlp is not None:
             return self.aux_mlp(torch.cat([h, e], dim=-1)).squeeze(-1)
         h = h if self.aux_proj is None else self.aux_proj(h)  # (M, D)
-        s = (h * e).sum(-1)
-        return s if self.aux_b is None else s + self.aux_b
+        return (h * e).sum(-1)
 
     def _run(self, batch: RankingBatch, with_aux: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         p = pack(batch.hist_mask)
