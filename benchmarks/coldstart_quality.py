@@ -24,6 +24,8 @@ import math
 import statistics
 from pathlib import Path
 
+from envinfo import package_versions  # benchmarks/envinfo.py
+
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ("amazon-beauty", "amazon-hin")
 VARIANTS = ("ple", "ple-uie")
@@ -119,7 +121,7 @@ def main() -> None:
         print("  " + c)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"summary": summary, "checks": checks, "seeds": args.seeds,
+        args.out.write_text(json.dumps({"summary": summary, "checks": checks, "seeds": args.seeds, "environment": package_versions(),
                                         "overrides": args.overrides}, indent=2))
 
 

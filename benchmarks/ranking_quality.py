@@ -15,6 +15,8 @@ import json
 import statistics
 from pathlib import Path
 
+from envinfo import package_versions  # benchmarks/envinfo.py
+
 ROOT = Path(__file__).resolve().parents[1]
 AUX_ALPHA = 0.1  # the auxiliary-loss rows' α, the config's own (best valid AUC, docs/benchmarks.md)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -88,7 +90,7 @@ def main() -> None:
                 print(f"  {name} {key}: " + " ".join(f"{d:+.4f}" for d in diffs) + f"  mean {statistics.mean(diffs):+.4f}  t {t:.1f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(summary, indent=2))
+        args.out.write_text(json.dumps({**summary, "environment": package_versions()}, indent=2))
 
 
 if __name__ == "__main__":

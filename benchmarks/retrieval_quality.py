@@ -16,6 +16,8 @@ import json
 import statistics
 from pathlib import Path
 
+from envinfo import package_versions  # benchmarks/envinfo.py
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "popularity": ("configs/amazon-beauty/popularity.yaml", []),
@@ -69,12 +71,16 @@ def main() -> None:
         secs = statistics.mean(r["train"]["seconds"] for r in runs)
         summary[name] = {"metrics": row, "mean_pairwise_cosine": statistics.mean(cos) if cos else None,
                          "hit_share_by_interest": [r.get("interests", {}).get("hit_share_by_interest") for r in runs],
-                         "train_seconds": secs, "seeds": args.seeds}
+                         "train_seconds": secs, "seeds": args.seeds,
+                         "per_seed": {str(seed): {**{k: r["test"][k] for k in METRICS},
+                                                  "valid_recall@50": r.get("valid", {}).get("recall@50"),
+                                                  "best_epoch": r["train"].get("best_epoch")}
+                                      for seed, r in zip(args.seeds, runs)}}
         cells = " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in row.values())
         print(f"| {name} | {cells} | {summary[name]['mean_pairwise_cosine'] or float('nan'):.3f} | {secs:.0f} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(summary, indent=2))
+        args.out.write_text(json.dumps({**summary, "environment": package_versions()}, indent=2))
 
 
 if __name__ == "__main__":
