@@ -121,8 +121,8 @@ def main() -> None:
         print("  " + c)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"summary": summary, "checks": checks, "seeds": args.seeds, "environment": package_versions(),
-                                        "overrides": args.overrides}, indent=2))
+        args.out.write_text(json.dumps({"summary": summary, "checks": checks, "seeds": args.seeds,
+                                        "overrides": args.overrides, "environment": package_versions()}, indent=2))
 
 
 if __name__ == "__main__":
