@@ -1,8 +1,10 @@
 """The package versions a benchmark ran with, stored beside its numbers.
 
-Training is deterministic for a seed only within one set of versions: the same command and seed
-gave MIND Recall@50 0.1750 on 2026-11-23 and 0.1875 (twice) on 2026-11-30 with the code unchanged
-(docs/benchmarks.md, Retrieval quality), so results files record what they ran on.
+A seed's run is reproducible only within one environment: the same command and seed gave MIND
+Recall@50 0.1750 on 2026-11-23 and 0.1875 (twice) on 2026-11-30 with the code unchanged, on
+another machine, while DIEN reproduced to four decimals (docs/benchmarks.md, Retrieval quality).
+So results files record the versions and the CPU's vector extensions (faiss and the BLAS kernels
+pick their code path from them).
 """
 
 from __future__ import annotations
@@ -13,9 +15,18 @@ from importlib.metadata import PackageNotFoundError, version
 PACKAGES = ("torch", "numpy", "polars", "pyarrow", "faiss-cpu", "scikit-learn")
 
 
+def cpu_simd() -> str:
+    """The CPU's widest vector extensions among AVX2 / AVX-512F ("" where /proc/cpuinfo is not readable)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    except OSError:
+        return ""
+    return " ".join(f for f in ("avx2", "avx512f") if f in flags)
+
+
 def package_versions() -> dict[str, str]:
-    """Python and the versions of the packages that shape training and evaluation (those installed)."""
-    out = {"python": platform.python_version(), "machine": platform.machine()}
+    """Python, the CPU's vector extensions and the versions of the packages that shape training and evaluation."""
+    out = {"python": platform.python_version(), "machine": platform.machine(), "cpu_simd": cpu_simd()}
     for name in PACKAGES:
         try:
             out[name] = version(name)
