@@ -3,8 +3,8 @@
 A seed's run is reproducible only within one environment: the same command and seed gave MIND
 Recall@50 0.1750 on 2026-11-23 and 0.1875 (twice) on 2026-11-30 with the code unchanged, on
 another machine, while DIEN reproduced to four decimals (docs/benchmarks.md, Retrieval quality).
-So results files record the versions and the CPU's vector extensions (faiss and the BLAS kernels
-pick their code path from them).
+So results files record the versions and the CPU's vector extensions (math libraries pick their
+code paths from them).
 """
 
 from __future__ import annotations
