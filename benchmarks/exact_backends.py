@@ -1,0 +1,53 @@
+"""Does the exact-search backend change a retrieval run's metrics? Evaluates a finished MIND /
+YouTube DNN run's best weights on its valid and test users twice: through faiss's IndexFlatIP and
+through the numpy fallback (matmul + argpartition) of `facetrec.index.ExactIndex`.
+
+    .venv/bin/python benchmarks/exact_backends.py runs/bench-retrieval-v2/mind-s1
+
+Used in docs/benchmarks.md (Retrieval quality, "Rerun on 2026-11-30") to rule out the search as
+the cause of seeds that reproduce on one machine but not across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import facetrec.index.ann as ann
+from facetrec.data.dataset import Prepared, retrieval_eval_set
+from facetrec.data.prepare import ensure_prepared
+from facetrec.train.loop import load_checkpoint
+from facetrec.train.retrieval import build_mind, evaluate_mind
+from facetrec.train.run import load_run_config
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path)
+    args = ap.parse_args()
+    if ann.faiss is None:
+        raise SystemExit("faiss is not installed here: nothing to compare (pip install 'facetrec[ann]')")
+    torch.set_num_threads(1)
+    cfg = load_run_config(args.run)
+    if cfg.train.index != "exact":
+        raise SystemExit(f"{args.run} evaluates with train.index={cfg.train.index!r}; this compares the exact backends only")
+    prep = Prepared(ensure_prepared(cfg, verbose=False))
+    model = build_mind(cfg, prep)
+    model.load_state_dict(load_checkpoint(args.run / "best.pt")["model"])
+    model.eval()
+    faiss = ann.faiss
+    try:
+        for split in ("valid", "test"):
+            es = retrieval_eval_set(prep, split, cfg.train.protocol, cfg.train.max_eval_users, seed=cfg.train.seed)
+            for backend in ("faiss", "numpy"):
+                ann.faiss = faiss if backend == "faiss" else None  # ExactIndex's "auto" backend follows this
+                m = evaluate_mind(model, prep, es, cfg)
+                print(f"{split} {backend:5s} " + "  ".join(f"{k} {v:.6f}" for k, v in m.items() if k.endswith("@50")))
+    finally:
+        ann.faiss = faiss
+
+
+if __name__ == "__main__":
+    main()
