@@ -19,11 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from facetrec.data.dataset import Prepared, ranking_batch, ranking_samples
-from facetrec.data.prepare import ensure_prepared
-from facetrec.train.loop import load_checkpoint
-from facetrec.train.ranking import ranking_model
-from facetrec.train.run import load_run_config
+from facetrec.data.dataset import ranking_batch, ranking_samples
+from facetrec.report.runs import LoadedModel, load_run
 
 
 def main() -> None:
@@ -33,11 +30,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     for run in args.runs:
-        cfg = load_run_config(run)
-        prep = Prepared(ensure_prepared(cfg, verbose=False))
-        model = ranking_model(cfg, prep)
-        model.load_state_dict(load_checkpoint(run / "best.pt")["model"])
-        model.eval()
+        loaded = LoadedModel(load_run(run))  # best weights, eval mode
+        model, prep = loaded.model, loaded.prep
         s = ranking_samples(prep, "train")
         idx = np.random.default_rng(0).choice(len(s), min(args.samples, len(s)), replace=False)
         b = ranking_batch(prep, s, idx, prep.max_history)

@@ -18,7 +18,8 @@ PACKAGES = ("torch", "numpy", "polars", "pyarrow", "faiss-cpu", "scikit-learn")
 def cpu_simd() -> str:
     """The CPU's widest vector extensions among AVX2 / AVX-512F ("" where /proc/cpuinfo is not readable)."""
     try:
-        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         return ""
     return " ".join(f for f in ("avx2", "avx512f") if f in flags)

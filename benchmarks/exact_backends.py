@@ -16,11 +16,9 @@ from pathlib import Path
 import torch
 
 import facetrec.index.ann as ann
-from facetrec.data.dataset import Prepared, retrieval_eval_set
-from facetrec.data.prepare import ensure_prepared
-from facetrec.train.loop import load_checkpoint
-from facetrec.train.retrieval import build_mind, evaluate_mind
-from facetrec.train.run import load_run_config
+from facetrec.data.dataset import retrieval_eval_set
+from facetrec.report.runs import LoadedModel, load_run
+from facetrec.train.retrieval import evaluate_mind
 
 
 def main() -> None:
@@ -30,13 +28,12 @@ def main() -> None:
     if ann.faiss is None:
         raise SystemExit("faiss is not installed here: nothing to compare (pip install 'facetrec[ann]')")
     torch.set_num_threads(1)
-    cfg = load_run_config(args.run)
+    run = load_run(args.run)
+    cfg = run.cfg
     if cfg.train.index != "exact":
         raise SystemExit(f"{args.run} evaluates with train.index={cfg.train.index!r}; this compares the exact backends only")
-    prep = Prepared(ensure_prepared(cfg, verbose=False))
-    model = build_mind(cfg, prep)
-    model.load_state_dict(load_checkpoint(args.run / "best.pt")["model"])
-    model.eval()
+    loaded = LoadedModel(run)  # best weights, eval mode
+    model, prep = loaded.model, loaded.prep
     faiss = ann.faiss
     try:
         for split in ("valid", "test"):
