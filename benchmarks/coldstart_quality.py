@@ -77,6 +77,7 @@ def main() -> None:
                 print(f"{data} {variant} seed {seed}: {t0} AUC {m['test'][t0]['auc']:.4f}  ({m['train']['seconds']:.0f} s)", flush=True)
 
     summary: dict = {}
+    per_seed: dict = {}  # {dataset: {task: {variant: [slice -> AUC, one per seed]}}}
     checks: list[str] = []
     for data, per_variant in results.items():
         runs = per_variant
@@ -84,10 +85,13 @@ def main() -> None:
             continue
         tasks = runs["ple"][0]["tasks"]
         summary[data] = {}
+        per_seed[data] = {}
         for task in tasks:
             table = {v: {} for v in VARIANTS}
+            per_seed[data][task] = {}
             for v in VARIANTS:
                 per_run = [rows(m, task) for m in runs[v]]
+                per_seed[data][task][v] = per_run
                 for key in per_run[0]:
                     table[v][key] = _ms([r[key] for r in per_run])
             summary[data][task] = table
@@ -121,7 +125,7 @@ def main() -> None:
         print("  " + c)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"summary": summary, "checks": checks, "seeds": args.seeds,
+        args.out.write_text(json.dumps({"summary": summary, "per_seed": per_seed, "checks": checks, "seeds": args.seeds,
                                         "overrides": args.overrides, "environment": package_versions()}, indent=2))
 
 

@@ -233,3 +233,37 @@ def test_multitask_negatives_are_redrawn_each_epoch_when_asked(synth_prepared):
         assert ((x.aux_neg != f.aux_neg) & x.hist_mask).any() and not ((x.aux_neg == x.hist) & x.hist_mask).any()
         assert not any((u, i) in seen for u, i in zip(x.user[neg].tolist(), x.target[neg].tolist()))
     assert any(not torch.equal(x.target, z.target) for x, z in zip(a, a2))
+
+
+def test_history_cut_keeps_a_share_of_samples_last_events(synth_prepared):
+    """train.history_cut: about that share of a training epoch's samples keep only their last k <= max
+    events (the same events, at the end of the full window), n_events says k, the user id stays;
+    the rest are untouched; the draw follows the epoch seed."""
+    from facetrec.data.dataset import Prepared
+    from facetrec.train.multitask import build_ple, multitask_task
+
+    prep_dir, raw = synth_prepared
+    prep = Prepared(prep_dir)
+
+    def batches(extra, seed=1):
+        cfg = _cfg(raw, prep_dir / "unused", "ple", ["data.rating=", "train.batch_size=512", *extra])
+        task = multitask_task(cfg, prep, build_ple(cfg, prep, fresh=False))
+        return list(task.batches(seed))
+
+    full, cut, cut2 = batches([]), batches(["train.history_cut=0.4", "train.history_cut_max=3"]), batches(["train.history_cut=0.4", "train.history_cut_max=3"], 2)
+    n_cut = n_all = 0
+    for f, c in zip(full, cut):
+        assert torch.equal(f.user, c.user) and torch.equal(f.target, c.target) and torch.equal(f.labels, c.labels)
+        lf, lc = f.hist_mask.sum(1), c.hist_mask.sum(1)
+        changed = lc < lf
+        assert (lc <= lf).all() and (lc[changed] <= 3).all() and (lc[changed] >= 1).all()
+        assert torch.equal(c.n_events[changed], lc[changed]) and torch.equal(c.n_events[~changed], f.n_events[~changed])
+        for r in changed.nonzero().squeeze(-1).tolist():  # the kept events are the full window's last ones
+            k, n = int(lc[r]), int(lf[r])
+            assert torch.equal(c.hist[r, :k], f.hist[r, n - k:n]) and not c.hist_mask[r, k:].any()
+        n_cut += int(changed.sum())
+        n_all += len(f.user)
+    assert 0.2 < n_cut / n_all < 0.4  # 0.4 drawn; samples with <= k events are unchanged by a cut
+    assert any(not torch.equal(a.hist_mask, b.hist_mask) for a, b in zip(cut, cut2))
+    with pytest.raises(ConfigError, match="history_cut"):
+        batches(["train.history_cut=1.5"])

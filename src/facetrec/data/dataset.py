@@ -86,14 +86,17 @@ class Prepared:
         return self.items[self.offsets[user - 1]:self.offsets[user]]
 
     def windows(self, users: np.ndarray, ends: np.ndarray, max_len: int,
-                arrays: tuple[np.ndarray, ...] | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+                arrays: tuple[np.ndarray, ...] | None = None,
+                keep: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray]:
         """The last `max_len` events before position `ends` of each user, left-aligned, 0-padded.
+        `keep` (B,) > 0 caps a row's window further, to its last `keep` events.
 
         Returns ([gathered array per input array] each (B, L), mask (B, L) bool).
         """
         arrays = arrays if arrays is not None else (self.items,)
         ends = np.asarray(ends, dtype=np.int64)
-        start = np.maximum(ends - max_len, 0)
+        width = max_len if keep is None else np.where(keep > 0, np.minimum(keep, max_len), max_len)
+        start = np.maximum(ends - width, 0)
         length = ends - start
         steps = np.arange(max_len)
         mask = steps[None, :] < length[:, None]

@@ -17,6 +17,7 @@ import io
 import json
 import math
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -26,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from facetrec.config import TrainConfig
+from facetrec.errors import ConfigError
 from facetrec.io import atomic_write
 
 
@@ -112,6 +114,59 @@ def make_optimizer(params, lr: float, weight_decay: float = 0.0) -> torch.optim.
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
+class WeightAverage:
+    """`train.ema`: an exponential moving average of the trainable parameters, ā <- d ā + (1 - d) θ
+    after every optimiser step. Validation, best.pt and so the final model use the averaged weights
+    (buffers, e.g. UIE's memories, stay the live ones); training continues from the live weights.
+
+    Example:
+        >>> lin = nn.Linear(2, 1)
+        >>> avg = WeightAverage(lin, 0.5)
+        >>> with torch.no_grad():
+        ...     _ = lin.weight.add_(2.0)
+        >>> avg.update()
+        >>> with avg.swapped():
+        ...     moved = float((lin.weight.detach() - avg.live[0]).abs().max())  # the average sits half way
+        >>> round(moved, 4)
+        1.0
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.average = [p.detach().clone() for p in self.params]
+        self.live: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - self.decay)
+
+    @contextmanager
+    def swapped(self):
+        """The model holds the averaged weights inside the block (`live` keeps the trained ones)."""
+        with torch.no_grad():
+            self.live = [p.detach().clone() for p in self.params]
+            for p, a in zip(self.params, self.average):
+                p.copy_(a)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, x in zip(self.params, self.live):
+                    p.copy_(x)
+            self.live = []
+
+    def state(self) -> list[torch.Tensor]:
+        return [a.detach().cpu() for a in self.average]
+
+    def load(self, saved: list[torch.Tensor]) -> None:
+        if len(saved) != len(self.average):
+            raise ValueError(f"checkpoint holds {len(saved)} averaged tensors, the model has {len(self.average)}")
+        with torch.no_grad():
+            for a, x in zip(self.average, saved):
+                a.copy_(x)
+
+
 def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: int = 50,
         progress: bool = True) -> FitResult:
     """Train with early stopping on `task.monitor`; resume from run_dir/last.pt when present."""
@@ -129,6 +184,9 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: i
         # with memories updated in training (UIE's cluster centres) would otherwise drift apart
         step_module = DistributedDataParallel(step_module, device_ids=device_ids)
     opt = make_optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if not 0 <= cfg.ema < 1:
+        raise ConfigError(f"train.ema {cfg.ema} must be in [0, 1): the decay of the weight average (0 = off, e.g. 0.999)")
+    avg = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
     state = {"epoch": 0, "step": 0, "best": -math.inf, "best_epoch": 0, "bad": 0, "seconds": 0.0, "best_valid": {}}
     last = run_dir / "last.pt"
     if last.exists():
@@ -136,6 +194,10 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: i
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optim"])
         state.update(json.loads(ck["state"]))
+        if avg is not None:
+            if "ema" not in ck:
+                raise ConfigError(f"{last} was written without train.ema; resume with the same train.ema, or start a new run dir")
+            avg.load(ck["ema"])
         if rank == 0:
             print(f"resuming {run_dir} after epoch {state['epoch']} (best {task.monitor} {state['best']:.4f})")
     log = open(run_dir / "train_log.jsonl", "a") if rank == 0 else None
@@ -161,6 +223,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: i
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if avg is not None:
+                    avg.update()
                 state["step"] += 1
                 n_window += 1
                 for k, v in {"loss": float(loss.detach()), **parts}.items():
@@ -177,14 +241,15 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: i
                 log_window()
             state["epoch"] = epoch
             if epoch % cfg.eval_every == 0 or stop or epoch == cfg.epochs:
-                valid = _on_rank0(lambda: task.evaluate("valid"), rank)
-                score = valid[task.monitor]
-                improved = score > state["best"]
-                if improved:
-                    state.update(best=score, best_epoch=epoch, bad=0, best_valid=valid)
-                    if rank == 0:
+                with avg.swapped() if avg is not None else nullcontext():  # validate (and keep) the averaged weights
+                    valid = _on_rank0(lambda: task.evaluate("valid"), rank)
+                    score = valid[task.monitor]
+                    improved = score > state["best"]
+                    if improved and rank == 0:
                         buf = {k: v.detach().cpu() for k, v in model.state_dict().items()}
                         save_checkpoint(run_dir / "best.pt", {"model": buf})
+                if improved:
+                    state.update(best=score, best_epoch=epoch, bad=0, best_valid=valid)
                 else:
                     state["bad"] += 1
                     stop = stop or state["bad"] >= cfg.patience
@@ -195,7 +260,10 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: i
                         log.write(json.dumps({"epoch": epoch, "step": state["step"], "valid": valid}) + "\n")
             state["seconds"] = time.perf_counter() - t_start
             if rank == 0:
-                save_checkpoint(last, {"model": model.state_dict(), "optim": opt.state_dict(), "state": json.dumps(state)})
+                ck = {"model": model.state_dict(), "optim": opt.state_dict(), "state": json.dumps(state)}
+                if avg is not None:
+                    ck["ema"] = avg.state()
+                save_checkpoint(last, ck)
             if log:
                 log.flush()
     finally:

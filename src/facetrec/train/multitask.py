@@ -101,15 +101,19 @@ def multitask_samples(prep: Prepared, split: str, cfg: PLEConfig) -> MultiTaskSa
 
 
 def multitask_batch(prep: Prepared, s: MultiTaskSamples, idx: np.ndarray, max_len: int, truncate: int = 0,
-                    aux_neg: Optional[np.ndarray] = None) -> MultiTaskBatch:
+                    aux_neg: Optional[np.ndarray] = None, cut: Optional[np.ndarray] = None) -> MultiTaskBatch:
     """A batch of samples `idx`. truncate > 0: simulated cold start — only the last `truncate` history
     events are kept and the user counts as unseen (id 0: no per-user memory, no user embedding).
-    `aux_neg` (one per event) replaces prepare's auxiliary negatives."""
+    `aux_neg` (one per event) replaces prepare's auxiliary negatives. `cut` (one per sample, 0 = none;
+    training's `train.history_cut`) keeps only a sample's last `cut` events, the user id stays."""
     users = s.user[idx]
     width = min(truncate, max_len) if truncate else max_len
     aux_neg = prep.aux_neg if aux_neg is None else aux_neg
-    (hist, aux), mask = prep.windows(users, s.pos[idx], width, (prep.items, aux_neg))
+    keep = None if cut is None else cut[idx]
+    (hist, aux), mask = prep.windows(users, s.pos[idx], width, (prep.items, aux_neg), keep)
     n_events = np.minimum(s.pos[idx], truncate) if truncate else s.pos[idx]
+    if keep is not None:
+        n_events = np.where(keep > 0, np.minimum(n_events, keep), n_events)
     shown = np.zeros_like(users) if truncate else users
     return MultiTaskBatch(
         user=torch.from_numpy(shown), hist=torch.from_numpy(hist), hist_mask=torch.from_numpy(mask),
@@ -154,8 +158,27 @@ def warm_start(model: torch.nn.Module, path: Path) -> dict[str, Any]:
     return {"from": str(ck), "loaded": len(take), "skipped": sorted(set(own) - set(take))}
 
 
+def history_cuts(n: int, share: float, longest: int, seed: int) -> np.ndarray:
+    """`train.history_cut`: per sample the number of history events to keep (0 = all): a share of the
+    samples, drawn afresh per epoch seed (the same on every rank), keep their last k, k uniform in
+    1..longest. Training on such samples teaches the model what a sparse user looks like.
+
+    Example:
+        >>> cut = history_cuts(10_000, 0.3, 5, seed=0)
+        >>> round(float((cut > 0).mean()), 2), int(cut.max())
+        (0.3, 5)
+    """
+    rng = np.random.default_rng([seed, 0x6375])
+    chosen = rng.random(n) < share
+    return np.where(chosen, rng.integers(1, longest + 1, n), 0).astype(np.int64)
+
+
 def multitask_task(cfg: Config, prep: Prepared, model: PLE, device: torch.device | str = "cpu",
                    rank: int = 0, world: int = 1) -> Task:
+    share, longest = cfg.train.history_cut, cfg.train.history_cut_max
+    if not 0 <= share <= 1 or longest < 1:
+        raise ConfigError(f"train.history_cut {share} must be in [0, 1] and train.history_cut_max {longest} >= 1 "
+                          f"(e.g. history_cut: 0.2, history_cut_max: 5)")
     train = multitask_samples(prep, "train", model.cfg)
     valid = multitask_samples(prep, "valid", model.cfg)
     bs = cfg.train.batch_size
@@ -171,8 +194,9 @@ def multitask_task(cfg: Config, prep: Prepared, model: PLE, device: torch.device
         if cfg.train.resample_negatives:
             epoch = train.with_targets(redraw_negative_targets(prep, train.user, train.target, ~train.clicked, seed))
         aux = epoch_negatives(cfg, prep, seed)
+        cut = history_cuts(len(epoch), share, longest, seed) if share > 0 else None
         for idx in minibatches(len(epoch), bs, True, seed, rank, world):
-            yield multitask_batch(prep, epoch, idx, prep.max_history, aux_neg=aux).to(device)
+            yield multitask_batch(prep, epoch, idx, prep.max_history, aux_neg=aux, cut=cut).to(device)
 
     def loss(batch: MultiTaskBatch):
         out = model.outputs(batch, with_aux=True)
