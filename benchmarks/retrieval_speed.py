@@ -79,7 +79,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs fro
 from facetrec.data.batches import RetrievalBatch  # noqa: E402
 from facetrec.models.losses import NegativeSampler, retrieval_loss  # noqa: E402
 from facetrec.models.mind import MIND, MINDConfig  # noqa: E402
-from facetrec.train.loop import make_optimizer  # noqa: E402
+from facetrec.train.loop import WeightAverage, make_optimizer  # noqa: E402
 from timing import interleaved  # noqa: E402  (benchmarks/timing.py)
 
 
@@ -102,14 +102,18 @@ def make_batches(n: int, batch: int, hist: int, min_len: int, n_items: int, n_us
 # ---------------------------------------------------------------- timing
 
 
-def ours_train_step(model: MIND, batches: list[RetrievalBatch], sampler: NegativeSampler, n_neg: int) -> Callable[[int], None]:
+def ours_train_step(model: MIND, batches: list[RetrievalBatch], sampler: NegativeSampler, n_neg: int,
+                    ema: float = 0.0) -> Callable[[int], None]:
     opt = make_optimizer(model.parameters(), lr=1e-3)  # the optimizer `facetrec train` uses
+    avg = WeightAverage(model, ema) if ema > 0 else None  # and its weight average (train.ema), as the loop runs it
 
     def step(i: int) -> None:
         loss = retrieval_loss(model, batches[i % len(batches)], sampler, n_neg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if avg is not None:
+            avg.update()
 
     return step
 
@@ -234,6 +238,7 @@ def main() -> None:
     ap.add_argument("--n-neg", type=int, default=1000, help="ours: sampled negatives shared by the batch")
     ap.add_argument("--peer-neg", type=int, default=3, help="torch-rechub: negatives per row (its example's neg_ratio)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ema", type=float, default=0.0, help="ours: also update a weight average per step (train.ema, e.g. 0.998)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10, help="training steps per timed window")
     ap.add_argument("--infer-steps", type=int, default=20, help="inference calls per timed window")
@@ -265,7 +270,7 @@ def main() -> None:
     torch.manual_seed(0)
     ours = MIND(cfg, {"cate": cate}, {"cate": args.cates}).train()
     sampler = NegativeSampler(np.ones(args.items), "uniform", seed=0)
-    train_runs: dict[str, Callable[[int], None]] = {"facetrec MIND": ours_train_step(ours, batches, sampler, args.n_neg)}
+    train_runs: dict[str, Callable[[int], None]] = {"facetrec MIND": ours_train_step(ours, batches, sampler, args.n_neg, args.ema)}
     infer_runs: dict[str, Callable[[int], None]] = {"facetrec MIND": ours_infer(ours, batches)}
     loss_desc = {"facetrec MIND": f"sampled softmax, {args.n_neg} shared uniform negatives, hard label-aware attention"}
 

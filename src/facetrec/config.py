@@ -91,7 +91,7 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.0
-    ema: float = 0.0  # decay of an exponential moving average of the weights, validated and kept as best.pt (0 = off; e.g. 0.999)
+    ema: float = 0.0  # decay of an exponential moving average of the weights, validated and kept as best.pt (0 = off; the retrieval configs use 0.998)
     patience: int = 3  # early stopping: epochs without a better valid metric
     eval_every: int = 1  # epochs between validations
     n_negatives: int = 1000  # retrieval: sampled negatives per batch

@@ -33,9 +33,11 @@ def test_ema_validates_and_keeps_the_average_and_trains_the_live_weights(tmp_pat
     fit(task, TrainConfig(epochs=3, lr=0.05, ema=0.9), tmp_path, progress=False)
     last = load_checkpoint(tmp_path / "last.pt")
     best = load_checkpoint(tmp_path / "best.pt")["model"]
-    avg = last["ema"][0]  # the weight's average after the last epoch
+    ema = last["ema"]
+    avg = ema["average"][0] / (1 - 0.9 ** ema["steps"])  # the weight's (bias-corrected) average after the last epoch
+    assert ema["steps"] == 12
     assert not torch.allclose(avg, last["model"]["weight"])  # the average lags the live weights
-    assert torch.equal(seen[-1], avg)  # validation saw the average
+    assert torch.allclose(seen[-1], avg)  # validation saw the average
     assert torch.equal(task.model.weight.detach(), best["weight"])  # the model ends on best.pt = an average
     assert any(torch.equal(best["weight"], w) for w in seen)
 
@@ -55,7 +57,7 @@ def test_ema_resumes_from_last_and_refuses_a_mismatch(tmp_path):
     fit(_task([]), TrainConfig(epochs=2, lr=0.05, ema=0.9, patience=10), b, progress=False)
     fit(_task([]), TrainConfig(epochs=3, lr=0.05, ema=0.9, patience=10), b, progress=False)
     ea, eb = load_checkpoint(a / "last.pt")["ema"], load_checkpoint(b / "last.pt")["ema"]
-    assert all(torch.allclose(x, y) for x, y in zip(ea, eb))
+    assert ea["steps"] == eb["steps"] == 12 and all(torch.allclose(x, y) for x, y in zip(ea["average"], eb["average"]))
     c = tmp_path / "c"
     c.mkdir()
     fit(_task([]), TrainConfig(epochs=1, lr=0.05), c, progress=False)

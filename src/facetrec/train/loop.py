@@ -7,8 +7,8 @@ atomically) and early stopping on the task's monitored validation metric.
 Run directory:
   config.yaml        the resolved config
   train_log.jsonl    one line per logged step window and per validation
-  last.pt            model + optimiser + loop state after the last finished epoch (resume)
-  best.pt            model weights with the best validation metric
+  last.pt            model + optimiser + loop state (+ the weight average) after the last finished epoch (resume)
+  best.pt            model weights with the best validation metric (the averaged weights under train.ema)
 """
 
 from __future__ import annotations
@@ -115,39 +115,46 @@ def make_optimizer(params, lr: float, weight_decay: float = 0.0) -> torch.optim.
 
 
 class WeightAverage:
-    """`train.ema`: an exponential moving average of the trainable parameters, ā <- d ā + (1 - d) θ
-    after every optimiser step. Validation, best.pt and so the final model use the averaged weights
-    (buffers, e.g. UIE's memories, stay the live ones); training continues from the live weights.
+    """`train.ema`: an exponential moving average of the trainable parameters over the steps taken,
+    ā_t = d ā_{t-1} + (1 - d) θ_t from ā_0 = 0, read bias-corrected as ā_t / (1 - d^t) (as Adam's
+    moments), so a short run averages its own steps rather than its random start. Validation,
+    best.pt and so the final model use the averaged weights (buffers, e.g. UIE's memories, stay the
+    live ones); the optimiser keeps stepping the live weights.
 
     Example:
         >>> lin = nn.Linear(2, 1)
         >>> avg = WeightAverage(lin, 0.5)
-        >>> with torch.no_grad():
-        ...     _ = lin.weight.add_(2.0)
-        >>> avg.update()
+        >>> for _ in range(2):  # two steps of +2: the average weighs the second twice the first
+        ...     with torch.no_grad():
+        ...         _ = lin.weight.add_(2.0)
+        ...     avg.update()
         >>> with avg.swapped():
-        ...     moved = float((lin.weight.detach() - avg.live[0]).abs().max())  # the average sits half way
-        >>> round(moved, 4)
-        1.0
+        ...     lag = float((avg.live[0] - lin.weight.detach()).abs().max())
+        >>> round(lag, 4)  # live - (1 · (w + 2) + 2 · (w + 4)) / 3
+        0.6667
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.average = [p.detach().clone() for p in self.params]
+        self.average = [torch.zeros_like(p, memory_format=torch.preserve_format).detach() for p in self.params]
+        self.steps = 0
         self.live: list[torch.Tensor] = []
 
     @torch.no_grad()
     def update(self) -> None:
         torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - self.decay)
+        self.steps += 1
 
     @contextmanager
     def swapped(self):
         """The model holds the averaged weights inside the block (`live` keeps the trained ones)."""
         with torch.no_grad():
             self.live = [p.detach().clone() for p in self.params]
-            for p, a in zip(self.params, self.average):
-                p.copy_(a)
+            if self.steps:
+                scale = 1.0 / (1.0 - self.decay ** self.steps)
+                for p, a in zip(self.params, self.average):
+                    p.copy_(a * scale)
         try:
             yield
         finally:
@@ -156,15 +163,16 @@ class WeightAverage:
                     p.copy_(x)
             self.live = []
 
-    def state(self) -> list[torch.Tensor]:
-        return [a.detach().cpu() for a in self.average]
+    def state(self) -> dict[str, Any]:
+        return {"average": [a.detach().cpu() for a in self.average], "steps": self.steps}
 
-    def load(self, saved: list[torch.Tensor]) -> None:
-        if len(saved) != len(self.average):
-            raise ValueError(f"checkpoint holds {len(saved)} averaged tensors, the model has {len(self.average)}")
+    def load(self, saved: dict[str, Any]) -> None:
+        if len(saved["average"]) != len(self.average):
+            raise ValueError(f"checkpoint holds {len(saved['average'])} averaged tensors, the model has {len(self.average)}")
         with torch.no_grad():
-            for a, x in zip(self.average, saved):
+            for a, x in zip(self.average, saved["average"]):
                 a.copy_(x)
+        self.steps = int(saved["steps"])
 
 
 def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: int = 50,
