@@ -115,46 +115,47 @@ def make_optimizer(params, lr: float, weight_decay: float = 0.0) -> torch.optim.
 
 
 class WeightAverage:
-    """`train.ema`: an exponential moving average of the trainable parameters over the steps taken,
-    ā_t = d ā_{t-1} + (1 - d) θ_t from ā_0 = 0, read bias-corrected as ā_t / (1 - d^t) (as Adam's
-    moments), so a short run averages its own steps rather than its random start. Validation,
-    best.pt and so the final model use the averaged weights (buffers, e.g. UIE's memories, stay the
-    live ones); the optimiser keeps stepping the live weights.
+    """`train.ema`: an exponential moving average of the trainable parameters,
+    ā <- d_t ā + (1 - d_t) θ after every optimiser step t = 1, 2, ..., from ā = θ at the start, with
+    the decay warmed up as d_t = min(d, (1 + t) / (10 + t)): a short run (a smoke test, the demo's
+    200 steps) averages its recent steps, not its random start; from t ≈ 10 / (1 - d) on it is
+    the plain average of decay d. Validation, best.pt and so the final model use the averaged
+    weights (buffers, e.g. UIE's memories, stay the live ones); the optimiser keeps stepping the
+    live weights.
 
     Example:
         >>> lin = nn.Linear(2, 1)
         >>> avg = WeightAverage(lin, 0.5)
-        >>> for _ in range(2):  # two steps of +2: the average weighs the second twice the first
+        >>> for _ in range(2):  # two steps of +2; d_1 = 2/11, d_2 = 3/12
         ...     with torch.no_grad():
         ...         _ = lin.weight.add_(2.0)
         ...     avg.update()
         >>> with avg.swapped():
         ...     lag = float((avg.live[0] - lin.weight.detach()).abs().max())
-        >>> round(lag, 4)  # live - (1 · (w + 2) + 2 · (w + 4)) / 3
-        0.6667
+        >>> round(lag, 4)  # live - (w + 4 - 0.25 · (2 + 2 · 2 / 11))
+        0.5909
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.average = [torch.zeros_like(p, memory_format=torch.preserve_format).detach() for p in self.params]
+        self.average = [p.detach().clone() for p in self.params]
         self.steps = 0
         self.live: list[torch.Tensor] = []
 
     @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - self.decay)
         self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - d)
 
     @contextmanager
     def swapped(self):
         """The model holds the averaged weights inside the block (`live` keeps the trained ones)."""
         with torch.no_grad():
             self.live = [p.detach().clone() for p in self.params]
-            if self.steps:
-                scale = 1.0 / (1.0 - self.decay ** self.steps)
-                for p, a in zip(self.params, self.average):
-                    p.copy_(a * scale)
+            for p, a in zip(self.params, self.average):
+                p.copy_(a)
         try:
             yield
         finally:
