@@ -147,7 +147,7 @@ class WeightAverage:
     def update(self) -> None:
         self.steps += 1
         d = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - d)
+        torch._foreach_lerp_(self.average, self.params, 1.0 - d)  # no_grad: the parameters are read, not recorded
 
     @contextmanager
     def swapped(self):
@@ -165,7 +165,7 @@ class WeightAverage:
             self.live = []
 
     def state(self) -> dict[str, Any]:
-        return {"average": [a.detach().cpu() for a in self.average], "steps": self.steps}
+        return {"average": [a.cpu() for a in self.average], "steps": self.steps}
 
     def load(self, saved: dict[str, Any]) -> None:
         if len(saved["average"]) != len(self.average):
