@@ -11,12 +11,13 @@ the cause of seeds that reproduce on one machine but not across machines.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
 
-import facetrec.index.ann as ann
 from facetrec.data.dataset import retrieval_eval_set
+from facetrec.index.ann import faiss
 from facetrec.report.runs import LoadedModel, load_run
 from facetrec.train.retrieval import evaluate_mind
 
@@ -25,7 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path)
     args = ap.parse_args()
-    if ann.faiss is None:
+    if faiss is None:
         raise SystemExit("faiss is not installed here: nothing to compare (pip install 'facetrec[ann]')")
     torch.set_num_threads(1)
     run = load_run(args.run)
@@ -34,16 +35,12 @@ def main() -> None:
         raise SystemExit(f"{args.run} evaluates with train.index={cfg.train.index!r}; this compares the exact backends only")
     loaded = LoadedModel(run)  # best weights, eval mode
     model, prep = loaded.model, loaded.prep
-    faiss = ann.faiss
-    try:
-        for split in ("valid", "test"):
-            es = retrieval_eval_set(prep, split, cfg.train.protocol, cfg.train.max_eval_users, seed=cfg.train.seed)
-            for backend in ("faiss", "numpy"):
-                ann.faiss = faiss if backend == "faiss" else None  # ExactIndex's "auto" backend follows this
-                m = evaluate_mind(model, prep, es, cfg)
-                print(f"{split} {backend:5s} " + "  ".join(f"{k} {v:.6f}" for k, v in m.items() if k.endswith("@50")))
-    finally:
-        ann.faiss = faiss
+    for split in ("valid", "test"):
+        es = retrieval_eval_set(prep, split, cfg.train.protocol, cfg.train.max_eval_users, seed=cfg.train.seed)
+        for backend in ("faiss", "numpy"):
+            params = {**cfg.train.index_params, "backend": backend}  # what `train.index_params: {backend: ...}` sets
+            m = evaluate_mind(model, prep, es, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, index_params=params)))
+            print(f"{split} {backend:5s} " + "  ".join(f"{k} {v:.6f}" for k, v in m.items() if k.endswith("@50")))
 
 
 if __name__ == "__main__":

@@ -200,6 +200,13 @@ def test_numpy_exact_round_trip_and_kind_check(tmp_path):
     index.save(tmp_path / "np.faiss")
     back = load_index(tmp_path / "np.faiss")
     assert (back.search(x[:5], 7)[1] == index.search(x[:5], 7)[1]).all()
+    assert back.params == index.params == {"backend": "numpy"}
+    sharded = build_index(x, np.arange(1, 501), shards=2, backend="numpy")  # the config's form
+    sharded.save(tmp_path / "sh.faiss")
+    assert [sh.params for sh in load_index(tmp_path / "sh.faiss").shards] == [{"backend": "numpy"}] * 2
+    assert memory_estimate_bytes(500, 8, "exact", {"backend": "numpy"}) == memory_estimate_bytes(500, 8, "exact")
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        ExactIndex(backend="gpu")
     with pytest.raises(ValueError, match="kind 'exact', not 'hnsw'"):
         HNSWIndex.load(tmp_path / "np.faiss")
 

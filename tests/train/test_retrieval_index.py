@@ -30,6 +30,10 @@ def test_index_kind_params_and_shards_come_from_the_config(synth_prepared):
     exact = evaluate_mind(model, prep, es, cfg())
     # exact shards merge to the exact top-k: the same metrics
     assert evaluate_mind(model, prep, es, cfg("train.index_params={shards: 3}")) == exact
+    # the exact search without faiss (the numpy fallback), picked in the config: the same metrics
+    assert evaluate_mind(model, prep, es, cfg("train.index_params={backend: numpy}")) == exact
+    with pytest.raises(ConfigError, match="backend must be one of 'auto', 'faiss', 'numpy', got 'blas'"):
+        evaluate_mind(model, prep, es, cfg("train.index_params={backend: blas}"))
     # IVF-PQ in two shards, parameters as faiss names them; evaluation reports its recall against exact search
     pq = evaluate_mind(model, prep, es, cfg("train.index=ivfpq", "train.index_params={m: 4, nbits: 6, nprobe: 2, shards: 2}"),
                        detail=True)

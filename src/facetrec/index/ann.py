@@ -10,7 +10,7 @@ Kinds and their parameters (names as in faiss):
 
 | kind    | class        | faiss index                  | parameters                         |
 | ------- | ------------ | ---------------------------- | ---------------------------------- |
-| exact   | ExactIndex   | IndexFlatIP (numpy fallback) | —                                  |
+| exact   | ExactIndex   | IndexFlatIP (numpy fallback) | backend (auto, faiss or numpy)     |
 | hnsw    | HNSWIndex    | IndexHNSWFlat, inner product | M, efConstruction, efSearch        |
 | ivf     | IVFIndex     | IndexIVFFlat, inner product  | nlist, nprobe                      |
 | ivfpq   | IVFPQIndex   | IndexIVFPQ, inner product    | nlist, m, nbits, nprobe            |
@@ -311,7 +311,8 @@ class ExactIndex(_FaissIndex):
     """Exact inner-product top-k: faiss IndexFlatIP, or a numpy matmul + argpartition without faiss.
 
     Args:
-        backend: "auto" (faiss when installed), "faiss" or "numpy".
+        backend: "auto" (faiss when installed), "faiss" or "numpy"; in a config
+            `train.index_params: {backend: numpy}`.
 
     Example:
         >>> idx = ExactIndex(); idx.build(np.eye(3, dtype=np.float32), np.array([1, 2, 3]))
@@ -320,18 +321,31 @@ class ExactIndex(_FaissIndex):
     """
 
     kind = "exact"
-    PARAMS: ClassVar[dict[str, Any]] = {}
+    PARAMS: ClassVar[dict[str, Any]] = {"backend": "auto"}
+    BACKENDS = ("auto", "faiss", "numpy")
     QUERY_CHUNK_FLOATS = 1 << 24  # numpy path: score at most this many (query, item) pairs at once
 
     def __init__(self, backend: str = "auto") -> None:
         super().__init__()
-        if backend not in ("auto", "faiss", "numpy"):
-            raise ConfigError(f"exact index backend must be 'auto', 'faiss' or 'numpy', got {backend!r}")
+        backend = self.resolve_params(0, 0, {"backend": backend})["backend"]
         if backend == "faiss":
             _need_faiss("backend='faiss'")
         self.backend = "faiss" if backend == "auto" and faiss is not None else ("numpy" if backend == "auto" else backend)
         self._vectors: np.ndarray | None = None  # numpy backend
         self._ids: np.ndarray | None = None
+
+    @classmethod
+    def resolve_params(cls, n: int, d: int, params: dict[str, Any]) -> dict[str, Any]:
+        p = super().resolve_params(n, d, params)
+        if p["backend"] not in cls.BACKENDS:
+            raise ConfigError(f"exact index backend must be one of {', '.join(map(repr, cls.BACKENDS))}, "
+                              f"got {p['backend']!r} (e.g. train.index_params: {{backend: numpy}})")
+        return p
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The backend in effect ("faiss" or "numpy"; "auto" resolved)."""
+        return {"backend": self.backend}
 
     @property
     def ntotal(self) -> int:
