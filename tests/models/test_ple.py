@@ -267,3 +267,7 @@ def test_history_cut_keeps_a_share_of_samples_last_events(synth_prepared):
     assert any(not torch.equal(a.hist_mask, b.hist_mask) for a, b in zip(cut, cut2))
     with pytest.raises(ConfigError, match="history_cut"):
         batches(["train.history_cut=1.5"])
+    from facetrec.train.run import model_name  # only the multi-task trainer reads it: elsewhere it is refused, not ignored
+    assert model_name(_cfg(raw, prep_dir / "unused", "ple-uie", ["train.history_cut=0.3"])) == "ple-uie"
+    with pytest.raises(ConfigError, match="multi-task trainer only.*'dien'"):
+        model_name(_cfg(raw, prep_dir / "unused", "ple", ["model.name=dien", "train.history_cut=0.3"]))

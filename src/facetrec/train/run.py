@@ -31,6 +31,9 @@ def model_name(cfg: Config) -> str:
     name = cfg.model.get("name")
     if name not in ALL_MODELS:
         raise ConfigError(f"model.name {name!r} must be one of {', '.join(ALL_MODELS)}; e.g. --set model.name=mind")
+    if cfg.train.history_cut and name not in MULTITASK:
+        raise ConfigError(f"train.history_cut={cfg.train.history_cut} is read by the multi-task trainer only "
+                          f"({', '.join(MULTITASK)}); model {name!r} would ignore it: remove it or set it to 0")
     return name
 
 
