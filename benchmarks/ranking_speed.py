@@ -208,7 +208,7 @@ class DeepCTRDIEN:
 
     name = "DeepCTR-Torch DIEN"
 
-    def __init__(self, n_items: int, n_cates: int, dim: int, cate: torch.Tensor, hist: int) -> None:
+    def __init__(self, n_items: int, n_cates: int, dim: int, cate: torch.Tensor, hist: int, device: str = "cpu") -> None:
         from deepctr_torch.inputs import SparseFeat, VarLenSparseFeat
         from deepctr_torch.models import DIEN as DDIEN
 
@@ -220,7 +220,7 @@ class DeepCTRDIEN:
                      VarLenSparseFeat(SparseFeat(prefix + "cate_id", n_cates, embedding_dim=dim, embedding_name="cate_id"),
                                       maxlen=hist, length_name="seq_length")]
         self.model = DDIEN(cols, ["item_id", "cate_id"], gru_type="AUGRU", use_negsampling=True, alpha=1.0,
-                           dnn_hidden_units=(200, 80), dnn_activation="prelu", l2_reg_embedding=0.0, device="cpu")
+                           dnn_hidden_units=(200, 80), dnn_activation="prelu", l2_reg_embedding=0.0, device=device)
 
     def inputs(self, b: RankingBatch) -> torch.Tensor:
         m = b.hist_mask
@@ -242,10 +242,10 @@ class DeepCTRDIEN:
         return self.model(X)
 
 
-def load_peers(args, cate: torch.Tensor) -> list:
+def load_peers(args, cate: torch.Tensor, device: str = "cpu") -> list:
     peers = []
     for make in (lambda: RechubDIEN(args.items, args.cates, args.dim, cate),
-                 lambda: DeepCTRDIEN(args.items, args.cates, args.dim, cate, args.hist)):
+                 lambda: DeepCTRDIEN(args.items, args.cates, args.dim, cate, args.hist, device)):
         try:
             peers.append(make())
         except ImportError as e:

@@ -151,7 +151,7 @@ class RechubMIND:
 
     def train_step(self, inputs: list[dict[str, torch.Tensor]]) -> Callable[[int], None]:
         opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
-        label = torch.zeros(len(inputs[0]["item_id"]), dtype=torch.long)  # the target is column 0
+        label = torch.zeros(len(inputs[0]["item_id"]), dtype=torch.long, device=inputs[0]["item_id"].device)  # the target is column 0
 
         def step(i: int) -> None:
             self.model.mode = None

@@ -127,6 +127,8 @@ def serve(
     workers: int = typer.Option(1, help="Server processes (use a redis:// store to share state between hosts)."),
     search_param: Optional[List[str]] = typer.Option(
         None, "--search-param", help="Index search parameter KEY=INT without re-exporting: efSearch (hnsw), nprobe (ivf, ivfpq)."),
+    device: str = typer.Option("cpu", help="Where the models run: cpu (default: one request is a few small kernels, "
+                                          "the CPU answers sooner), cuda or auto."),
 ) -> None:
     """Serve recommendations over HTTP (FastAPI + uvicorn): POST /recommend, POST /events, GET /users/{id}/interests."""
     import os
@@ -147,7 +149,7 @@ def serve(
         params[key.strip()] = int(value)
     try:
         version = resolve_version(artifact)
-        Pipeline(version, search_params=params)  # refuse a broken or inconsistent artifact before starting workers
+        Pipeline(version, search_params=params, device=device)  # refuse a broken or inconsistent artifact before starting workers
         open_store(store).close()
     except FacetrecError as e:
         _fail(e)
@@ -156,6 +158,7 @@ def serve(
     os.environ["FACETREC_ARTIFACT"] = str(version)
     os.environ["FACETREC_STORE"] = store
     os.environ["FACETREC_SEARCH_PARAMS"] = json.dumps(params)
+    os.environ["FACETREC_DEVICE"] = device
     uvicorn.run("facetrec.serving.app:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level="warning", limit_concurrency=512, timeout_keep_alive=30)
 

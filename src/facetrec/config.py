@@ -107,6 +107,7 @@ class TrainConfig:
     index_params: dict[str, Any] = field(default_factory=dict)
     threads: int = 0  # torch threads (0 = leave torch's default)
     device: str = "auto"  # auto | cpu | cuda
+    cuda_graphs: str = "auto"  # auto | on | off: replay the training step from a CUDA graph on a GPU (MIND, YouTube DNN, DIEN, base model; facetrec.train.graphs)
     seed: int = 0
     max_steps: int = 0  # stop after this many steps (0 = no limit; for smoke runs)
     max_eval_users: int = 0  # cap users evaluated (0 = all)

@@ -160,3 +160,19 @@ def test_warm_up_leaves_answers_unchanged(tiny):
     hist = np.arange(1, 15)
     b.warm_up()
     assert [(r.item, r.score) for r in a.recommend(hist, 10)] == [(r.item, r.score) for r in b.recommend(hist, 10)]
+
+
+def test_pipeline_device_option(tiny):
+    """`serve --device`: the models can run on another device; here, with no GPU, cuda is a clear
+    error and auto falls back to the CPU with the same answers."""
+    import torch
+
+    from facetrec.errors import ConfigError
+
+    hist = np.array([3, 5, 7], dtype=np.int64)
+    auto = Pipeline(tiny.artifact, device="auto")
+    assert auto.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert [r.item for r in auto.recommend(hist, 5)] == [r.item for r in Pipeline(tiny.artifact).recommend(hist, 5)]
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA"):
+            Pipeline(tiny.artifact, device="cuda")

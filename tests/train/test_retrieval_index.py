@@ -57,11 +57,11 @@ def test_retrieval_loss_takes_the_mini_batch_l2_on_history_and_target_ids(synth_
 
     def grad_of(c):  # loss and table gradient of the first batch (both tasks draw the same negatives)
         task = retrieval_task(c, prep, model)
-        batch = next(iter(task.batches(0)))
+        step = next(iter(task.batches(0)))
         model.zero_grad()
-        loss, parts = task.loss(batch)
+        loss, parts = task.loss(step)
         loss.backward()
-        return batch, parts, model.items.table.grad.clone()
+        return step.batch, parts, model.items.table.grad.clone()
 
     batch, parts, g = grad_of(cfg)
     _, parts0, g0 = grad_of(cfg0)

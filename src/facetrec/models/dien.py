@@ -356,9 +356,12 @@ def _scan_backward(grad: torch.Tensor, w_hh: torch.Tensor, am: Optional[torch.Te
         prev = B + off
         off += bt
     # the previous state of every packed position (P, H)
-    sizes = torch.tensor(batch_sizes, dtype=torch.long, device=S.device)
-    shift = torch.tensor(prevs, dtype=torch.long, device=S.device) - torch.tensor(offs, dtype=torch.long, device=S.device)
-    HP = S.index_select(0, torch.arange(P, device=S.device) + torch.repeat_interleave(shift, sizes))
+    if batch_sizes[0] == batch_sizes[-1]:  # every row runs every step (the padded layout): step t's previous
+        HP = S[:P]  # states are step t - 1's rows, so the whole block is S shifted by one step; no host copy
+    else:
+        sizes = torch.tensor(batch_sizes, dtype=torch.long, device=S.device)
+        shift = torch.tensor(prevs, dtype=torch.long, device=S.device) - torch.tensor(offs, dtype=torch.long, device=S.device)
+        HP = S.index_select(0, torch.arange(P, device=S.device) + torch.repeat_interleave(shift, sizes))
     R, Z = X[:, :H], X[:, H:2 * H]
     ones = NN.new_ones(1, 1)
     if kind == 0:
@@ -459,7 +462,11 @@ class _GatedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gi, w_hh, b_hh, am, batch_sizes, kind, rows):  # type: ignore[override]
-        S, *saved = _scan_forward_c(gi, w_hh, b_hh, am, batch_sizes, kind, rows)
+        # under CUDA-graph capture the plain Python loops run: they are recorded once, so the
+        # interpreter's speed does not matter there, and TorchScript's profiling executor may
+        # specialise or compile while the stream is being captured (which capture refuses)
+        ctx.capturing = gi.is_cuda and torch.cuda.is_current_stream_capturing()
+        S, *saved = (_scan_forward if ctx.capturing else _scan_forward_c)(gi, w_hh, b_hh, am, batch_sizes, kind, rows)
         ctx.save_for_backward(w_hh, am, S, *saved)
         ctx.batch_sizes, ctx.kind, ctx.rows = batch_sizes, kind, rows
         return S
@@ -467,7 +474,8 @@ class _GatedScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         w_hh, am, *saved = ctx.saved_tensors
-        d_gi, d_w, d_b, d_am = _scan_backward_c(grad, w_hh, am, ctx.batch_sizes, ctx.kind, ctx.rows, *saved)
+        scan_backward = _scan_backward if ctx.capturing else _scan_backward_c
+        d_gi, d_w, d_b, d_am = scan_backward(grad, w_hh, am, ctx.batch_sizes, ctx.kind, ctx.rows, *saved)
         return d_gi, d_w, d_b, d_am, None, None, None
 
 
@@ -598,6 +606,10 @@ class DIEN(nn.Module):
         self.head = _output_mlp(cfg, 2 * H2 + (3 if cfg.pooled_product else 2) * D + (2 * D if cfg.attention_pooling else 0)
                                 + (cfg.embed_dim if self.user is not None else 0))
         self._evolution = EVOLUTIONS.index(cfg.evolution)
+        # how training / forward lays out the histories: "packed" (real positions only; the CPU
+        # path), "padded" (all B x T positions, padding steps keep the state: fixed shapes and no
+        # host sync, so a CUDA graph can capture the step) or "auto" (padded on a GPU)
+        self.layout = "auto"
 
     # ---------------------------------------------------------------- parts, on packed histories
 
@@ -660,7 +672,21 @@ class DIEN(nn.Module):
         h = h if self.aux_proj is None else self.aux_proj(h)  # (M, D)
         return (h * e).sum(-1)
 
+    def padded(self, batch: RankingBatch) -> bool:
+        """Whether `batch` runs on the padded layout (see `layout`)."""
+        if self.layout not in ("auto", "packed", "padded"):
+            raise ValueError(f"DIEN.layout {self.layout!r} must be auto, packed or padded")
+        if self.layout == "packed" or (self.layout == "auto" and not batch.hist.is_cuda):
+            return False
+        if self.att_mlp is not None:  # its Dice would take batch statistics over the padding positions too
+            if self.layout == "padded":
+                raise ValueError("DIEN's padded layout needs the dot-product attention (model.attention: dot)")
+            return False
+        return True
+
     def _run(self, batch: RankingBatch, with_aux: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.padded(batch):
+            return self._run_padded(batch, with_aux)
         p = pack(batch.hist_mask)
         ids = [p.take(batch.hist), batch.target[p.order]]  # (P,), (B,)
         if with_aux:
@@ -678,6 +704,48 @@ class DIEN(nn.Module):
         logits = torch.empty_like(logits).index_copy(0, p.order, logits)  # back to batch order
         aux = self._aux(h, src, e.index_select(0, dst), parts[2]) if with_aux else logits.new_zeros(())
         return logits, aux
+
+    def _run_padded(self, batch: RankingBatch, with_aux: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """`_run` on the padded layout: positions time-major (T B), every row runs all T steps and a
+        padding step leaves the state as it is (a = 0 in the gated update: the extractor runs as an
+        AUGRU with a = the mask, the AUGRU / AGRU with the attention, which is 0 there). So the final
+        state is each row's state after its last real step, the attention is a softmax over the real
+        steps, and the auxiliary loss a weighted mean over the pairs (t, t + 1) whose t + 1 is real:
+        the packed layout's values, with fixed shapes and no host sync (tests hold them equal)."""
+        mask = batch.hist_mask.bool()
+        B, T = mask.shape
+        ids = [batch.hist.t().reshape(-1), batch.target]  # (T B,), (B,)
+        if with_aux:
+            ids.append(batch.aux_neg[:, 1:].t().reshape(-1))  # ((T-1) B,): the negative of each step t + 1
+        parts = self.items(torch.cat(ids)).split([len(x) for x in ids])
+        e, e_a = parts[0], parts[1]  # (T B, D), (B, D)
+        m = mask.t().reshape(-1).to(e.dtype)  # (T B,)
+        steps = [B] * T
+        c = self.extractor
+        h = gated_scan(F.linear(e, c.weight_ih, c.bias_ih), c.weight_hh, c.bias_hh, m, steps, UPDATE, B)[B:]  # (T B, H)
+        s = (h.view(T, B, -1) * self.att_w(e_a)).sum(-1)  # (T, B)
+        att = masked_softmax(s, mask.t(), dim=0).reshape(-1)  # (T B,): 0 on padding
+        c2 = self.evolver
+        if self.cfg.evolution == "aigru":
+            S = gated_scan(F.linear(h * att[:, None], c2.weight_ih, c2.bias_ih), c2.weight_hh, c2.bias_hh, m, steps,
+                           UPDATE, B)
+        else:
+            kind = UPDATE if self.cfg.evolution == "augru" else BLEND
+            S = gated_scan(F.linear(h, c2.weight_ih, c2.bias_ih), c2.weight_hh, c2.bias_hh, att, steps, kind, B)
+        h_T = S[-B:]  # (B, H'): the last step's states
+        e3 = e.view(T, B, -1)
+        pooled = (e3 * m.view(T, B, 1)).sum(0)  # (B, D)
+        att_pooled = (att.view(T, B, 1) * e3).sum(0) if self.cfg.attention_pooling else None
+        logits = self._logits(h_T, e_a, pooled, _user_vectors(self.user, batch.user), att_pooled)
+        if not with_aux:
+            return logits, logits.new_zeros(())
+        w = m[B:]  # ((T-1) B,): step t + 1 is real (and so t, histories being left-aligned)
+        e_next, e_neg = e[B:], parts[2]
+        if self.cfg.aux_detach:
+            e_next, e_neg = e_next.detach(), e_neg.detach()
+        hs = h[:len(w)]
+        terms = F.logsigmoid(self._aux_logit(hs, e_next)) + F.logsigmoid(-self._aux_logit(hs, e_neg))  # ((T-1) B,)
+        return logits, -(terms * w).sum() / w.sum().clamp(min=1.0)
 
     # ---------------------------------------------------------------- public
 

@@ -10,6 +10,7 @@ Shape legend: B batch, D dim, N sampled negatives, K interests, L history length
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -66,6 +67,16 @@ class NegativeSampler:
         self._cdf = torch.cumsum(probs, 0)  # (n_items,) float64
         self._cdf[-1] = 1.0
         self.generator = torch.Generator().manual_seed(seed)
+        self._cached: tuple[torch.device, _LogQ] | None = None
+
+    def on(self, device: torch.device | str) -> "_LogQ":
+        """`log_q` and `log_freq` on `device`, copied once and kept (no host copy per step)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return _LogQ(self.log_q, self.log_freq)
+        if self._cached is None or self._cached[0] != device:
+            self._cached = (device, _LogQ(self.log_q.to(device), self.log_freq.to(device)))
+        return self._cached[1]
 
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """n ids drawn with replacement (n,) long, and their log Q (n,) float32, on the CPU."""
@@ -75,6 +86,11 @@ class NegativeSampler:
             u = torch.rand(n, generator=self.generator, dtype=torch.float64)
             ids = torch.searchsorted(self._cdf, u, right=True).clamp_(1, self.n_items - 1)
         return ids, self.log_q[ids]
+
+
+class _LogQ(NamedTuple):
+    log_q: torch.Tensor
+    log_freq: torch.Tensor
 
 
 def _floored_log(p: torch.Tensor) -> torch.Tensor:
@@ -131,7 +147,8 @@ def sampled_softmax_loss(user_vec: torch.Tensor, target_vec: torch.Tensor, targe
 
 
 def retrieval_loss(model: MIND, batch: RetrievalBatch, sampler: NegativeSampler, n_neg: int,
-                   in_batch: bool = False, log_q: bool = True) -> torch.Tensor:
+                   in_batch: bool = False, log_q: bool = True,
+                   negatives: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """MIND / YouTube DNN training loss: interests -> label-aware attention -> sampled softmax (SPEC §2.4-2.5).
 
     Args:
@@ -143,6 +160,9 @@ def retrieval_loss(model: MIND, batch: RetrievalBatch, sampler: NegativeSampler,
         log_q: apply the log-Q correction where the proposal is not uniform: popularity
             negatives (log Q = sampler.log_q) and in-batch negatives (log Q = sampler.log_freq).
             Uniform negatives alone need none (a constant shift).
+        negatives: (ids (n_neg,), log Q (n_neg,)) drawn beforehand by `sampler.sample(n_neg)` and
+            already on the batch's device, instead of drawing them here (a CUDA-graph-captured step
+            must not copy from host memory; `train.cuda_graphs`).
 
     Example:
         >>> from facetrec.models.mind import MINDConfig
@@ -153,7 +173,7 @@ def retrieval_loss(model: MIND, batch: RetrievalBatch, sampler: NegativeSampler,
         torch.Size([])
     """
     user = batch.user if model.cfg.n_users > 0 else None
-    neg_ids, neg_log_q = sampler.sample(n_neg)
+    neg_ids, neg_log_q = sampler.sample(n_neg) if negatives is None else negatives
     device = batch.target.device
     neg_ids = neg_ids.to(device)
     B = len(batch.target)
@@ -165,11 +185,11 @@ def retrieval_loss(model: MIND, batch: RetrievalBatch, sampler: NegativeSampler,
     target_log_q = None
     if log_q and sampler.mode == "popularity":
         neg_log_q = neg_log_q.to(device)
-        target_log_q = sampler.log_q.to(device)[batch.target]
+        target_log_q = sampler.on(device).log_q[batch.target]
     elif log_q and in_batch:
         # uniform sampled columns share one constant log Q; the in-batch columns follow the data
         neg_log_q = neg_log_q.to(device)
-        target_log_q = sampler.log_freq.to(device)[batch.target]
+        target_log_q = sampler.on(device).log_freq[batch.target]
     else:
         neg_log_q = None
     return sampled_softmax_loss(user_vec, target_vec, batch.target, neg_vec, neg_ids, neg_log_q=neg_log_q,

@@ -147,7 +147,7 @@ def _fmix32(x):
     return x ^ (x >> 16)
 
 
-def routing_noise(hist: torch.Tensor, k: int, salt: int) -> torch.Tensor:
+def routing_noise(hist: torch.Tensor, k: int, salt: int | torch.Tensor) -> torch.Tensor:
     """N(0, 1) draws (B, K, L) that depend only on the row's own history, the slot and `salt`.
 
     SPEC §2.2 wants fresh per-sample initial logits. Drawing them from a counter-based hash of
@@ -159,7 +159,7 @@ def routing_noise(hist: torch.Tensor, k: int, salt: int) -> torch.Tensor:
     Args:
         hist: (B, L) item ids, 0 = padding.
         k: number of interests K.
-        salt: any int; the same salt and history give the same draws.
+        salt: any int, or a 0-dim int64 tensor on hist's device; the same salt and history give the same draws.
 
     Example:
         >>> h = torch.tensor([[3, 5, 0]])
@@ -328,6 +328,9 @@ class MIND(nn.Module):
         # a plain counter, not a buffer: DDP would broadcast a buffer every step, and the draws
         # only need to differ between steps (every rank counts the same steps)
         self._routing_calls = 0
+        # the same counter as a GPU tensor, advanced in place by each training forward on CUDA, so
+        # that the replays of a CUDA-graph-captured step draw fresh salts too (train.cuda_graphs)
+        self._salt_gpu: torch.Tensor | None = None
 
     def reseed_routing(self, seed: int) -> None:
         """Restart the training-time routing salts (one per forward pass) from a hash of `seed`.
@@ -336,6 +339,21 @@ class MIND(nn.Module):
         resumed from a checkpoint draws the same routing logits as one never interrupted.
         """
         self._routing_calls = _fmix32(seed & _MASK32)
+        if self._salt_gpu is not None:
+            self._salt_gpu.fill_(self._routing_calls)  # in place: a captured graph holds this tensor
+
+    def _next_salt(self, device: torch.device) -> int | torch.Tensor:
+        """The training forward's routing salt: the counter's value, then the counter + 1.
+        On CUDA the value is a 0-dim tensor (no host round trip, so the step can be captured)."""
+        salt = self._routing_calls
+        self._routing_calls += 1
+        if device.type != "cuda":
+            return salt
+        if self._salt_gpu is None or self._salt_gpu.device != device:
+            self._salt_gpu = torch.tensor(salt, dtype=torch.int64, device=device)
+        out = self._salt_gpu.clone()
+        self._salt_gpu.add_(1)
+        return out
 
     # ------------------------------------------------------------ item side
 
@@ -385,8 +403,7 @@ class MIND(nn.Module):
             return Routing(z, w.transpose(1, 2), z.detach().norm(dim=-1), valid)
 
         if salt is None:
-            salt = self._routing_calls if self.training else 0
-            self._routing_calls += int(self.training)
+            salt = self._next_salt(hist.device) if self.training else 0
         b = routing_noise(hist, K, salt).to(c.dtype)  # (B, K, L): per sample, never learned
         if cfg.routing_sigma != 1.0:
             b = b * cfg.routing_sigma
@@ -429,7 +446,12 @@ class MIND(nn.Module):
             user = torch.where((user >= 0) & (user < self.cfg.n_users), user, torch.zeros_like(user))
             p = self.profile(user)  # (B, P)
             x = torch.cat([x, p[:, None, :].expand(-1, x.shape[1], -1)], dim=-1)  # (B, K, D + P)
-        v = self.mlp(x[valid])  # (n_valid, D)
+        if x.is_cuda:  # all K slots, then zeroed: no data-dependent shape (host sync) on the GPU
+            v = self.mlp(x)  # (B, K, D)
+            if self.cfg.normalize:
+                v = F.normalize(v, dim=-1)
+            return v * valid[:, :, None].to(v.dtype)
+        v = self.mlp(x[valid])  # (n_valid, D): on the CPU the invalid slots are not computed at all
         if self.cfg.normalize:
             v = F.normalize(v, dim=-1)
         return capsules.new_zeros(*valid.shape, v.shape[-1]).index_put((valid,), v)  # (B, K, D)

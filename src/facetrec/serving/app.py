@@ -383,7 +383,8 @@ def app_from_env() -> FastAPI:
         pass
     import json
 
-    pipeline = Pipeline(os.environ["FACETREC_ARTIFACT"], search_params=json.loads(os.environ.get("FACETREC_SEARCH_PARAMS", "{}")))
+    pipeline = Pipeline(os.environ["FACETREC_ARTIFACT"], search_params=json.loads(os.environ.get("FACETREC_SEARCH_PARAMS", "{}")),
+                        device=os.environ.get("FACETREC_DEVICE", "cpu"))
     pipeline.warm_up()
     store = open_store(os.environ.get("FACETREC_STORE", "sqlite:///runs/state.db"))
     return create_app(pipeline, store)

@@ -81,6 +81,8 @@ class Pipeline:
         artifact: an artifact root (follows CURRENT) or one version directory.
         explain_top: behaviours listed per interest in explanations.
         max_exclude: most recent distinct history items excluded from results ("seen").
+        search_params: index search-time parameters (efSearch, nprobe).
+        device: where the models run: cpu (default), cuda or auto; the index search stays on the CPU.
 
     Raises:
         ArtifactError: missing / truncated / altered files, or parts that do not fit together
@@ -88,8 +90,13 @@ class Pipeline:
     """
 
     def __init__(self, artifact: str | Path, explain_top: int = 3, max_exclude: int = 1000,
-                 search_params: dict[str, int] | None = None) -> None:
+                 search_params: dict[str, int] | None = None, device: str = "cpu") -> None:
         from facetrec.index.ann import load_index
+        from facetrec.train.run import resolve_device
+
+        # the models run here (cpu | cuda | auto); one request is a few small kernels, so the CPU
+        # answers sooner (docs/benchmarks.md, "GPU"); the index search stays on the CPU (faiss)
+        self.device = resolve_device(device)
 
         self.version_dir = resolve_version(artifact)
         self.manifest = load_manifest(self.version_dir)
@@ -118,8 +125,8 @@ class Pipeline:
         parts = self.manifest.get("parts", {})
         if "retrieval" not in parts:
             raise ArtifactError(f"{d}: the manifest has no retrieval part; export a MIND or YouTube DNN run")
-        self.retrieval = _build_part(d, "retrieval", self.n_items, feats, vocab)
-        self.ranking = _build_part(d, "ranking", self.n_items, feats, vocab) if "ranking" in parts else None
+        self.retrieval = _build_part(d, "retrieval", self.n_items, feats, vocab).to(self.device)
+        self.ranking = _build_part(d, "ranking", self.n_items, feats, vocab).to(self.device) if "ranking" in parts else None
         try:
             self.index = load_index(d / "index.faiss")
         except (ValueError, RuntimeError, OSError) as e:
@@ -162,13 +169,13 @@ class Pipeline:
 
     def _window(self, hist: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's input: the most recent max_history behaviours, (1, L) ids and (1, L) mask."""
-        h = torch.from_numpy(np.ascontiguousarray(hist[-self.max_history:])).view(1, -1)  # (1, L)
+        h = torch.from_numpy(np.ascontiguousarray(hist[-self.max_history:])).view(1, -1).to(self.device)  # (1, L)
         return h, torch.ones_like(h, dtype=torch.bool)
 
     def _route(self, hist: np.ndarray, n_events: int | None):
         h, m = self._window(hist)
         n = max(int(n_events) if n_events is not None else len(hist), h.shape[1])
-        return h, m, self.retrieval.route(h, m, torch.tensor([n]))  # eval mode: salt 0
+        return h, m, self.retrieval.route(h, m, torch.tensor([n], device=self.device))  # eval mode: salt 0
 
     def _explain(self, r, window: np.ndarray) -> dict[int, Interest]:
         """Each valid interest with the distinct behaviours routed most strongly to it, strongest first.
@@ -179,7 +186,7 @@ class Pipeline:
         from facetrec.report.explain import explain_interests
 
         out = {}
-        for e in explain_interests(r, top=len(window)):
+        for e in explain_interests(type(r)(*(x.cpu() for x in r)), top=len(window)):
             items, ws = [], []
             for pos, w in zip(e.positions, e.weights):
                 raw = self.raw_items[int(window[pos])]
@@ -199,15 +206,15 @@ class Pipeline:
         if len(hist) == 0:
             return []
         h, _, r = self._route(hist, n_events)
-        return list(self._explain(r, h[0].numpy()).values())
+        return list(self._explain(r, h[0].cpu().numpy()).values())
 
     @torch.inference_mode()
     def interest_vectors(self, hist: np.ndarray, n_events: int | None = None, user: Any = None
                          ) -> tuple[np.ndarray, np.ndarray]:
         """Interest vectors V (K, D) float32 and validity (K,) bool for a non-empty history: what queries the index."""
         _, _, r = self._route(np.asarray(hist, dtype=np.int64), n_events)
-        V = self.retrieval.interests_from_capsules(r.capsules, r.valid, torch.tensor([self.user_id(user)]))  # (1, K, D)
-        return V[0].float().numpy(), r.valid[0].numpy()
+        V = self.retrieval.interests_from_capsules(r.capsules, r.valid, torch.tensor([self.user_id(user)], device=self.device))
+        return V[0].float().cpu().numpy(), r.valid[0].cpu().numpy()  # (K, D), (K,)
 
     @torch.inference_mode()
     def recommend(self, hist: np.ndarray, n: int, exclude_seen: bool = True, n_events: int | None = None,
@@ -231,18 +238,18 @@ class Pipeline:
             return self._fill([], n, seen)
         h, m, r = self._route(hist, n_events)
         uid = self.user_id(user)
-        vecs = self.retrieval.interests_from_capsules(r.capsules, r.valid, torch.tensor([uid]))  # (1, K, D)
+        vecs = self.retrieval.interests_from_capsules(r.capsules, r.valid, torch.tensor([uid], device=self.device))  # (1, K, D)
         want = max(n, self.n_candidates if self.ranking is not None else n)
-        ids, scores, which = multi_interest_search(self.index, vecs.float().numpy(), r.valid.numpy(),
+        ids, scores, which = multi_interest_search(self.index, vecs.float().cpu().numpy(), r.valid.cpu().numpy(),
                                                    max(self.top_m, want), want, (np.array([0, len(seen)]), seen))
         keep = ids[0] > 0
         ids, scores, which = ids[0][keep], scores[0][keep], which[0][keep]
         final = scores.astype(np.float64)
         if self.ranking is not None and len(ids):
-            logits = self.ranking.score_candidates(h[0], m[0], torch.from_numpy(ids), user=uid)  # (N,)
-            final = torch.sigmoid(logits.float()).numpy().astype(np.float64)
+            logits = self.ranking.score_candidates(h[0], m[0], torch.from_numpy(ids).to(self.device), user=uid)  # (N,)
+            final = torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64)
         order = np.argsort(-final, kind="stable")[:n]
-        why = self._explain(r, h[0].numpy())
+        why = self._explain(r, h[0].cpu().numpy())
         out = [Recommended(self.raw_items[int(ids[i])], float(final[i]), float(scores[i]), int(which[i]),
                            why[int(which[i])].behaviours) for i in order]
         return self._fill(out, n, np.concatenate([seen, ids]))

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from facetrec.data.dataset import Prepared
-from facetrec.train.distributed import owned_distinct_ids
+from facetrec.train.distributed import is_distributed, owned_distinct_ids
 
 
 def item_frequencies(prep: Prepared, user: np.ndarray, pos: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -32,8 +32,20 @@ def mini_batch_l2(table: torch.Tensor, ids: torch.Tensor, inv_freq: torch.Tensor
     rows a batch touches are regularised, rare ones more per appearance, so over an epoch every
     row gets about one full L2 step whatever its frequency. Under DDP over the global batch's
     distinct ids, each once (`owned_distinct_ids`)."""
+    if ids.is_cuda and not is_distributed():
+        return mini_batch_l2_dense(table, ids, inv_freq)
     j, scale = owned_distinct_ids(ids)
     return scale * (table[j].pow(2).sum(1) * inv_freq[j]).sum()
+
+
+def mini_batch_l2_dense(table: torch.Tensor, ids: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """`mini_batch_l2` in one process without `unique`: an indicator of the touched rows over the
+    whole id range. No data-dependent shape, so no host sync (the GPU path; a CUDA graph can
+    capture it); a pass over all item rows instead of the touched ones, cheap on a GPU."""
+    n = len(inv_freq)
+    touched = torch.zeros(n, dtype=table.dtype, device=ids.device).index_fill_(0, ids.reshape(-1), 1.0)
+    touched[0] = 0  # padding
+    return (table[:n].pow(2).sum(1) * (inv_freq * touched)).sum()
 
 
 def embed_l2_term(table: torch.Tensor, batch: Any, l2: float, inv_freq: torch.Tensor) -> torch.Tensor:

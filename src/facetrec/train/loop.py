@@ -29,6 +29,7 @@ from tqdm import tqdm
 from facetrec.config import TrainConfig
 from facetrec.errors import ConfigError
 from facetrec.io import atomic_write
+from facetrec.train.graphs import CudaGraphStep, graphs_wanted
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Task:
     loss: Callable[[Any], tuple[torch.Tensor, dict[str, float]]]  # batch -> (loss, parts to log)
     evaluate: Callable[[str], dict[str, float]]  # split ("valid" | "test") -> metrics
     monitor: str  # validation metric to maximise, e.g. "recall@50" or "auc"
+    graph_safe: bool = False  # the step has no host sync on a GPU: a CUDA graph can capture it (train.cuda_graphs)
 
 
 @dataclass
@@ -103,15 +105,17 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def make_optimizer(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+def make_optimizer(params, lr: float, weight_decay: float = 0.0, capturable: bool = False) -> torch.optim.Optimizer:
     """Adam as `facetrec train` runs it: the fused kernel (one pass per parameter; about +30%
     samples/s for MIND on CPU, benchmarks/mind_throughput.py --fused-adam), plain Adam where the
-    fused one is not available. Same update rule either way."""
+    fused one is not available. Same update rule either way. `capturable`: the step counter stays
+    on the GPU, as a CUDA-graph-captured step needs (`train.cuda_graphs`)."""
     params = list(params)
+    extra = {"capturable": True} if capturable else {}
     try:
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True, **extra)
     except (RuntimeError, TypeError, ValueError):  # a device / dtype without the fused kernel
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **extra)
 
 
 class WeightAverage:
@@ -192,7 +196,17 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: i
         # they are constants or global-batch statistics, alike on every rank anyway, but models
         # with memories updated in training (UIE's cluster centres) would otherwise drift apart
         step_module = DistributedDataParallel(step_module, device_ids=device_ids)
-    opt = make_optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    graphs = graphs_wanted(cfg.cuda_graphs, model_device(model), task.graph_safe, _distributed())
+    opt = make_optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=graphs)
+
+    def train_step(batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        opt.zero_grad(set_to_none=True)
+        loss, parts = step_module(batch)
+        loss.backward()
+        opt.step()
+        return loss.detach(), parts
+
+    run_step = CudaGraphStep(train_step, enabled=graphs)
     if not 0 <= cfg.ema < 1:
         raise ConfigError(f"train.ema {cfg.ema} must be in [0, 1): the decay of the weight average (0 = off, e.g. 0.999)")
     avg = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
@@ -222,27 +236,26 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: i
             n_window = 0
 
             def log_window() -> None:
-                means = _mean_across_ranks({k: v / n_window for k, v in window.items()})
+                # the sums stay on the device between windows: no host sync per step
+                means = _mean_across_ranks({k: float(v) / n_window for k, v in window.items()})
+                if not math.isfinite(means["loss"]):
+                    raise FloatingPointError(f"loss became {means['loss']} in the {n_window} steps up to step "
+                                             f"{state['step']}; lower train.lr")
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
                 if log:
                     log.write(json.dumps({"epoch": epoch, "step": state["step"], **means}) + "\n")
 
             for batch in bar:
-                loss, parts = step_module(batch)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                loss, parts = run_step(batch)
                 if avg is not None:
                     avg.update()
                 state["step"] += 1
                 n_window += 1
-                for k, v in {"loss": float(loss.detach()), **parts}.items():
-                    window[k] = window.get(k, 0.0) + v
+                for k, v in {"loss": loss, **parts}.items():
+                    window[k] = window.get(k, 0.0) + v  # a new tensor: a graph's replay overwrites `loss`
                 if n_window == log_every:
                     log_window()
                     window, n_window = {}, 0
-                if not math.isfinite(float(loss.detach())):
-                    raise FloatingPointError(f"loss became {float(loss.detach())} at step {state['step']}; lower train.lr")
                 if cfg.max_steps and state["step"] >= cfg.max_steps:
                     stop = True
                     break

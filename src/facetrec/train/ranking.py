@@ -98,19 +98,21 @@ def ranking_task(cfg: Config, prep: Prepared, model: torch.nn.Module, device: to
             yield ranking_batch(prep, epoch, idx, prep.max_history, aux).to(device)
 
     def loss(batch):
-        # samples, and auxiliary-loss positions (t whose t + 1 is real; histories are left-aligned)
-        counts = (len(batch.label), int(batch.hist_mask[:, 1:].sum()))
-        bce_share, aux_share = global_shares(*counts)
+        bce_share, aux_share = 1.0, 1.0
+        if world > 1:  # samples, and auxiliary-loss positions (t whose t + 1 is real; histories are left-aligned)
+            bce_share, aux_share = global_shares(len(batch.label), int(batch.hist_mask[:, 1:].sum()))
         total, parts = dien_mod.ranking_loss(model, batch, bce_scale=bce_share, aux_scale=aux_share)
         if inv_freq is not None:
             reg = embed_l2_term(model.items.id_emb.weight, batch, l2, inv_freq)
             total = total + reg
             parts["l2"] = reg.detach()
-        return total, {k: float(v) for k, v in parts.items()}
+        return total, parts  # detached tensors: the loop reads them once per log window
 
     def evaluate(split: str) -> dict[str, float]:
         m = ranking_metrics(valid, predict(model, prep, valid, device=device))
         return {k: v for k, v in m.items() if k != "buckets"}
 
+    # DIEN (padded on the GPU) and the base model have no host sync in a step; DIN gathers the real positions
+    safe = isinstance(model, dien_mod.BaseModel) or (isinstance(model, dien_mod.DIEN) and model.att_mlp is None)
     return Task(model=model, batches=batches, n_batches=-(-len(train) // bs), loss=loss, evaluate=evaluate,
-                monitor="auc")
+                monitor="auc", graph_safe=safe)

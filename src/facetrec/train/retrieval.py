@@ -8,12 +8,14 @@ excluded, and Recall / NDCG / HR @20 and @50 are computed against the user's tar
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from facetrec.config import Config
+from facetrec.data.batches import RetrievalBatch
 from facetrec.data.dataset import (Prepared, RetrievalEvalSet, history_csr, minibatches, retrieval_batch,
                                    retrieval_eval_set, retrieval_train_samples)
 from facetrec.errors import ConfigError
@@ -152,16 +154,33 @@ def retrieval_task(cfg: Config, prep: Prepared, model: MIND, device: torch.devic
         sampler.generator.manual_seed(seed)
         model.reseed_routing(seed)
         for idx in minibatches(len(users), bs, True, seed, rank, world):
-            yield retrieval_batch(prep, users[idx], pos[idx], prep.max_history).to(device)
+            neg_ids, neg_log_q = sampler.sample(cfg.train.n_negatives)  # drawn here: the step itself stays on the device
+            yield SampledBatch(retrieval_batch(prep, users[idx], pos[idx], prep.max_history).to(device),
+                               neg_ids.to(device), neg_log_q.to(device))
 
-    def loss(batch):
+    def loss(step: SampledBatch):
+        batch = step.batch
         (share,) = global_shares(len(batch.target))  # rows are independent given the shared negatives
-        value = retrieval_loss(model, batch, sampler, cfg.train.n_negatives, in_batch=cfg.train.in_batch_negatives)
+        value = retrieval_loss(model, batch, sampler, cfg.train.n_negatives, in_batch=cfg.train.in_batch_negatives,
+                               negatives=(step.neg_ids, step.neg_log_q))
         value = value * share
         if inv_freq is None:
             return value, {}
         reg = embed_l2_term(model.items.table, batch, l2, inv_freq)  # the table's rows 0..n_items-1 are the item ids
-        return value + reg, {"l2": float(reg.detach())}
+        return value + reg, {"l2": reg.detach()}
 
     return Task(model=model, batches=batches, n_batches=-(-len(users) // bs), loss=loss,
-                evaluate=lambda split: evaluate_mind(model, prep, valid_set, cfg, device=device), monitor="recall@50")
+                evaluate=lambda split: evaluate_mind(model, prep, valid_set, cfg, device=device), monitor="recall@50",
+                graph_safe=True)
+
+
+@dataclass
+class SampledBatch:
+    """A retrieval training step's inputs: the batch and the sampled negatives it shares (SPEC §2.5)."""
+
+    batch: RetrievalBatch
+    neg_ids: torch.Tensor  # (N,) item ids
+    neg_log_q: torch.Tensor  # (N,) their log Q under the sampler
+
+    def __len__(self) -> int:
+        return len(self.batch)
