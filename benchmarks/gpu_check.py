@@ -329,6 +329,9 @@ def train(a):
         metrics = runs / label / "metrics.json"
         if metrics.exists():
             rec["metrics"] = json.loads(metrics.read_text())
+            t = rec["metrics"].get("train", {})
+            print(f"  fit {t.get('seconds')} s for {t.get('steps')} steps, {t.get('cuda_graph_replays')} replayed from a "
+                  f"CUDA graph; capture failed: {t.get('cuda_graph_failed')}", flush=True)
         out[label] = rec
     return out
 
@@ -360,8 +363,11 @@ def models(a):
         if metrics.exists():
             m = json.loads(metrics.read_text())
             rec["device"], rec["test"] = m.get("train", {}).get("device"), _flat(m.get("test", {}))
+            rec["cuda_graph_replays"] = m.get("train", {}).get("cuda_graph_replays")
+            rec["cuda_graph_failed"] = m.get("train", {}).get("cuda_graph_failed")
         out[name] = rec
-        print(f"  {name}: rc {p.returncode}, {rec['seconds']} s, device {rec.get('device')}, test {rec.get('test')}"
+        print(f"  {name}: rc {p.returncode}, {rec['seconds']} s, device {rec.get('device')}, graph replays "
+              f"{rec.get('cuda_graph_replays')} (failed: {rec.get('cuda_graph_failed')}), test {rec.get('test')}"
               + ("" if p.returncode == 0 else "\n" + rec["tail"]), flush=True)
     cmd = [sys.executable, "-m", "facetrec", "export", "--retrieval", str(runs / "mind"), "--ranking", str(runs / "dien"),
            "--out", str(runs / "artifact"), "--index", "exact"]

@@ -101,3 +101,36 @@ def test_graph_step_disabled_runs_the_step_and_signatures_see_nested_tensors():
     b = batch()
     assert signature((b, torch.zeros(3))) == signature((batch(seed=5), torch.ones(3)))
     assert signature(b) != signature(batch(T=5))
+
+
+HOST_OPS = {"lift_fresh", "_local_scalar_dense", "nonzero", "unique", "_unique2", "masked_select"}
+
+
+def test_dien_gpu_step_has_no_host_copy_or_sync():
+    """What a CUDA graph cannot capture — a tensor made from host values (`x[0] = 0`, torch.tensor(list)),
+    a host read (.item()), a data-dependent shape (boolean indexing, unique) — is absent from DIEN's
+    padded-layout training step with the sync-free L2 (`facetrec train`'s step on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Spy(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bad: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            bool_index = name in ("index", "index_put_") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))
+            if name in HOST_OPS or bool_index:
+                self.bad.append(name)
+            return func(*args, **(kwargs or {}))
+
+    model = make(aux_alpha=0.3, attention_pooling=True).train()
+    model.layout = "padded"
+    b = batch(lengths=(3, 7, 0, 7, 5))
+    inv = torch.rand(40) + 0.1
+    with Spy() as spy:
+        total, _ = ranking_loss(model, b)
+        total = total + mini_batch_l2_dense(model.items.id_emb.weight, torch.cat([b.hist.ravel(), b.target]), inv)
+        total.backward()
+    assert spy.bad == []

@@ -215,7 +215,7 @@ class _MeanGather(torch.autograd.Function):
         g_table = grad.new_zeros(ctx.n_rows, grad.shape[-1])  # (rows, D)
         for s in range(slots.shape[1]):
             g_table.index_add_(0, slots[:, s], g)
-        g_table[0] = 0  # padding slots all point here
+        g_table[0].zero_()  # padding slots all point here (in place: `= 0` would copy a host scalar, refused under CUDA-graph capture)
         return g_table, None, None
 
 

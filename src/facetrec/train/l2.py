@@ -44,7 +44,7 @@ def mini_batch_l2_dense(table: torch.Tensor, ids: torch.Tensor, inv_freq: torch.
     capture it); a pass over all item rows instead of the touched ones, cheap on a GPU."""
     n = len(inv_freq)
     touched = torch.zeros(n, dtype=table.dtype, device=ids.device).index_fill_(0, ids.reshape(-1), 1.0)
-    touched[0] = 0  # padding
+    touched[0].zero_()  # padding (in place: `= 0` copies a host scalar, which CUDA-graph capture refuses)
     return (table[:n].pow(2).sum(1) * (inv_freq * touched)).sum()
 
 

@@ -52,6 +52,8 @@ class FitResult:
     epochs: int
     seconds: float
     steps: int
+    graph_replays: int = 0  # steps replayed from a CUDA graph (train.cuda_graphs; 0 on the CPU)
+    graph_failed: str | None = None  # why capture failed, when it was tried and failed
 
 
 class _LossModule(nn.Module):
@@ -296,4 +298,5 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: i
     best = run_dir / "best.pt"
     if best.exists():
         model.load_state_dict(load_checkpoint(best)["model"])
-    return FitResult(state["best_valid"], state["best_epoch"], state["epoch"], time.perf_counter() - t_start, state["step"])
+    return FitResult(state["best_valid"], state["best_epoch"], state["epoch"], time.perf_counter() - t_start, state["step"],
+                     run_step.replays, run_step.failed)

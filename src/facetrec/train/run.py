@@ -111,7 +111,9 @@ def train(cfg: Config, progress: bool = True, rank: int = 0, world: int = 1) -> 
         "protocol": cfg.train.protocol if name in ("mind", "youtubednn", "popularity") else "dien",
         **metrics,
         "train": {"epochs": result.epochs, "best_epoch": result.best_epoch, "steps": result.steps,
-                  "seconds": round(result.seconds, 1), "best_valid": result.best_valid, "device": str(device)},
+                  "seconds": round(result.seconds, 1), "best_valid": result.best_valid, "device": str(device),
+                  "cuda_graph_replays": result.graph_replays,
+                  **({"cuda_graph_failed": result.graph_failed} if result.graph_failed else {})},
     }
     if rank == 0:
         write_json(run_dir / "metrics.json", out)
