@@ -156,6 +156,14 @@ def rates_summary(windows: dict, ours: str) -> dict:
     return out
 
 
+def side_by_side(runs: dict, ours: str, a) -> dict:
+    """Interleaved training windows of every run at batch a.batch; rates, ratios against `ours`, its graph replays."""
+    w = interleaved(runs, a.batch, a.warmup, a.steps, a.repeats, sync=lambda: sync(a.dev))
+    out = rates_summary(w, ours)
+    out["graph_replays"] = runs[ours].runner.replays
+    return out
+
+
 # ---------------------------------------------------------------- parts
 
 
@@ -218,10 +226,7 @@ def mind_speed(a):
         inputs = [{k: v.to(dev) for k, v in peer.inputs(b, torch.randint(1, a.items, (a.batch, 3), generator=g)).items()}
                   for b in cpu_batches]
         runs[peer.name] = peer.train_step(inputs)
-    w = interleaved(runs, a.batch, a.warmup, a.steps, a.repeats, sync=lambda: sync(dev))
-    out = rates_summary(w, "facetrec MIND (graphed)")
-    out["graph_replays"] = runs["facetrec MIND (graphed)"].runner.replays
-    return out
+    return side_by_side(runs, "facetrec MIND (graphed)", a)
 
 
 @part("dien")
@@ -244,10 +249,7 @@ def dien_speed(a):
             x = peer.inputs(b)
             xs.append({k: v.to(dev) for k, v in x.items()} if isinstance(x, dict) else x.to(dev))
         runs[peer.name] = rk.peer_step(peer, xs, [b.label.to(dev) for b in cpu_batches])
-    w = interleaved(runs, a.batch, a.warmup, a.steps, a.repeats, sync=lambda: sync(dev))
-    out = rates_summary(w, "facetrec DIEN (graphed)")
-    out["graph_replays"] = runs["facetrec DIEN (graphed)"].runner.replays
-    return out
+    return side_by_side(runs, "facetrec DIEN (graphed)", a)
 
 
 @part("saturate")
