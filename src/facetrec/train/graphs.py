@@ -55,14 +55,16 @@ class CudaGraphStep:
         enabled: False runs every step eagerly (the CPU, DDP, models with host syncs).
         warmup: eager steps of a shape before its graph is captured.
         max_graphs: shapes that get a graph; others always run eagerly.
+        strict: a failed capture raises (train.cuda_graphs=on) instead of going on eagerly with a warning.
 
     Returns the step's (loss, parts); after a replay they are the graph's static outputs, which the
     next replay overwrites: read (or accumulate) them before the next call.
     """
 
     def __init__(self, step: Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor]]], enabled: bool,
-                 warmup: int = 3, max_graphs: int = 1) -> None:
+                 warmup: int = 3, max_graphs: int = 1, strict: bool = False) -> None:
         self.step = step
+        self.strict = strict
         self.enabled = enabled
         self.warmup = warmup
         self.max_graphs = max_graphs
@@ -93,6 +95,9 @@ class CudaGraphStep:
         except RuntimeError as e:  # a host sync or an unsupported op inside the step
             self.enabled = False
             self.failed = " ".join(str(e).split())[-800:]  # TorchScript puts the cause last
+            if self.strict:
+                raise RuntimeError(f"train.cuda_graphs=on, but the training step could not be captured: {self.failed}; "
+                                   "use train.cuda_graphs=auto (trains eagerly after a failed capture)") from e
             warnings.warn(f"CUDA graph capture of the training step failed ({self.failed}); training continues "
                           "without graphs (set train.cuda_graphs=off to skip the attempt)", RuntimeWarning, stacklevel=2)
             torch.cuda.synchronize()
@@ -136,6 +141,16 @@ def _rebuild(obj: Any, it) -> Any:
 _YAML_BOOL = {"False": "off", "false": "off", "True": "on", "true": "on"}
 
 
+def graphs_setting(value: Any) -> str:
+    """`train.cuda_graphs` as auto | on | off (YAML's true / false read as on / off)."""
+    from facetrec.errors import ConfigError
+
+    setting = _YAML_BOOL.get(str(value), str(value))
+    if setting not in ("auto", "on", "off"):
+        raise ConfigError(f"train.cuda_graphs {value!r} must be auto, on or off")
+    return setting
+
+
 def graphs_wanted(setting: str, device: torch.device, task_safe: bool, distributed: bool) -> bool:
     """Whether `train.cuda_graphs` (auto | on | off) captures the training step here.
 
@@ -143,9 +158,7 @@ def graphs_wanted(setting: str, device: torch.device, task_safe: bool, distribut
     setting that cannot be captured is an error instead of eager training. off: never."""
     from facetrec.errors import ConfigError
 
-    setting = _YAML_BOOL.get(setting, setting)
-    if setting not in ("auto", "on", "off"):
-        raise ConfigError(f"train.cuda_graphs {setting!r} must be auto, on or off")
+    setting = graphs_setting(setting)
     if setting == "off":
         return False
     why = ("the device is not a GPU" if device.type != "cuda" else

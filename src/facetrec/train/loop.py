@@ -29,7 +29,7 @@ from tqdm import tqdm
 from facetrec.config import TrainConfig
 from facetrec.errors import ConfigError
 from facetrec.io import atomic_write
-from facetrec.train.graphs import CudaGraphStep, graphs_wanted
+from facetrec.train.graphs import CudaGraphStep, graphs_setting, graphs_wanted
 
 
 @dataclass
@@ -208,7 +208,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: i
         opt.step()
         return loss.detach(), parts
 
-    run_step = CudaGraphStep(train_step, enabled=graphs)
+    run_step = CudaGraphStep(train_step, enabled=graphs, strict=graphs_setting(cfg.cuda_graphs) == "on")
     if not 0 <= cfg.ema < 1:
         raise ConfigError(f"train.ema {cfg.ema} must be in [0, 1): the decay of the weight average (0 = off, e.g. 0.999)")
     avg = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
