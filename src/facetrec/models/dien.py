@@ -24,6 +24,11 @@ Speed (the time loops are the hot path, SPEC §3.3 / §7; benchmarks/ranking_spe
   them eagerly, and torch.compile recompiles for every new length profile of a batch.
 - Serving (`DIEN.score_candidates`): the extractor runs once per request; the evolving GRU's
   input projection is shared by all N candidates and the loop runs batched over them.
+- On a GPU (`layout` auto -> "padded"): every row runs all T steps, a padding step keeps the state
+  (a = 0), so shapes are fixed and nothing waits on the host, and the training loop replays the
+  whole step from a CUDA graph (`facetrec.train.graphs`; under capture the plain Python loops are
+  recorded). Same values as the packed layout (tests/models/test_gpu_paths.py); on one H200 the
+  graphed step trains 21-38x faster than the peers' DIEN (docs/benchmarks.md, "GPU").
 
 The plain step-by-step versions (`reference_extract`, `reference_evolve`) are the SPEC's
 formulas written out with masks; the tests hold the fast paths to them.
