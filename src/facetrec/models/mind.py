@@ -17,7 +17,10 @@ Speed notes (the hot path is benchmarked, benchmarks/mind_throughput.py):
 - ĉ = S c is never materialised: Σ_i w_ij S c_i = S (Σ_i w_ij c_i) and u_j·(S c_i) = (u_j S)·c_i,
   so S multiplies (B, K, D) tensors instead of (B, L, D) ones;
 - routing logits are kept as (B, K, L): a softmax over a length-4 trailing axis is ~10x slower
-  on CPU than over the middle axis.
+  on CPU than over the middle axis;
+- on a GPU nothing in a training step waits on the host (the routing salt is a GPU counter, the
+  interest MLP runs on all K slots and masks), so the training loop replays the whole step from a
+  CUDA graph (facetrec.train.graphs): ~10x torch-rechub's MIND on one H200 (docs/benchmarks.md, "GPU").
 """
 
 from __future__ import annotations
