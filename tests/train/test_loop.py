@@ -65,3 +65,13 @@ def test_ema_resumes_from_last_and_refuses_a_mismatch(tmp_path):
         fit(_task([]), TrainConfig(epochs=2, lr=0.05, ema=0.9), c, progress=False)
     with pytest.raises(ConfigError, match="train.ema"):
         fit(_task([]), TrainConfig(ema=1.0), tmp_path, progress=False)
+
+
+def test_a_non_finite_loss_stops_training_with_the_step_and_a_fix(tmp_path):
+    """The loss is read once per log window (no host sync per step); a NaN there stops the run."""
+    task = _task([])
+    model = task.model
+    task.loss = lambda b: ((model(b[0]) - b[1]).pow(2).mean() * float("nan"), {})
+    with pytest.raises(FloatingPointError, match=r"up to step 2; lower train.lr"):
+        fit(task, TrainConfig(epochs=1), tmp_path, log_every=2, progress=False)
+    assert not (tmp_path / "last.pt").exists()  # stopped inside the first epoch, before any checkpoint
