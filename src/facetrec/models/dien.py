@@ -664,11 +664,13 @@ class DIEN(nn.Module):
         embeddings of the behaviour at t + 1 and of its negative (M, D) -> scalar."""
         if len(src) == 0:
             return h.sum() * 0.0
-        hs = h.index_select(0, src)  # (M, H)
+        return -self._aux_terms(h.index_select(0, src), e_next, e_neg).mean()
+
+    def _aux_terms(self, hs: torch.Tensor, e_next: torch.Tensor, e_neg: torch.Tensor) -> torch.Tensor:
+        """log σ(h_t · e_b[t+1]) + log(1 − σ(h_t · ê_b[t+1])) per pair: states (M, H), embeddings (M, D) -> (M,)."""
         if self.cfg.aux_detach:
             e_next, e_neg = e_next.detach(), e_neg.detach()
-        pos, neg = self._aux_logit(hs, e_next), self._aux_logit(hs, e_neg)  # (M,), (M,)
-        return -(F.logsigmoid(pos) + F.logsigmoid(-neg)).mean()  # log(1 - σ(x)) = log σ(-x)
+        return F.logsigmoid(self._aux_logit(hs, e_next)) + F.logsigmoid(-self._aux_logit(hs, e_neg))  # log(1 - σ(x)) = log σ(-x)
 
     def _aux_logit(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """Auxiliary score of states h (M, H) against next-behaviour embeddings e (M, D) -> (M,)."""
@@ -745,11 +747,7 @@ class DIEN(nn.Module):
         if not with_aux:
             return logits, logits.new_zeros(())
         w = m[B:]  # ((T-1) B,): step t + 1 is real (and so t, histories being left-aligned)
-        e_next, e_neg = e[B:], parts[2]
-        if self.cfg.aux_detach:
-            e_next, e_neg = e_next.detach(), e_neg.detach()
-        hs = h[:len(w)]
-        terms = F.logsigmoid(self._aux_logit(hs, e_next)) + F.logsigmoid(-self._aux_logit(hs, e_neg))  # ((T-1) B,)
+        terms = self._aux_terms(h[:len(w)], e[B:], parts[2])  # ((T-1) B,)
         return logits, -(terms * w).sum() / w.sum().clamp(min=1.0)
 
     # ---------------------------------------------------------------- public

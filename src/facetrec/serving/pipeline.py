@@ -96,7 +96,7 @@ class Pipeline:
 
         # the models run here (cpu | cuda | auto); one request is a few small kernels, so the CPU
         # answers sooner (docs/benchmarks.md, "GPU"); the index search stays on the CPU (faiss)
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, "--device")
 
         self.version_dir = resolve_version(artifact)
         self.manifest = load_manifest(self.version_dir)
@@ -169,8 +169,12 @@ class Pipeline:
 
     def _window(self, hist: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's input: the most recent max_history behaviours, (1, L) ids and (1, L) mask."""
-        h = torch.from_numpy(np.ascontiguousarray(hist[-self.max_history:])).view(1, -1).to(self.device)  # (1, L)
+        h = torch.from_numpy(np.ascontiguousarray(self._recent(hist))).view(1, -1).to(self.device)  # (1, L)
         return h, torch.ones_like(h, dtype=torch.bool)
+
+    def _recent(self, hist: np.ndarray) -> np.ndarray:
+        """The window the model reads, on the host (explanations index it; no copy back from the device)."""
+        return hist[-self.max_history:]
 
     def _route(self, hist: np.ndarray, n_events: int | None):
         h, m = self._window(hist)
@@ -205,8 +209,8 @@ class Pipeline:
         """The user's valid interests (K'_u of them) with their strength and the behaviours routed to each."""
         if len(hist) == 0:
             return []
-        h, _, r = self._route(hist, n_events)
-        return list(self._explain(r, h[0].cpu().numpy()).values())
+        _, _, r = self._route(hist, n_events)
+        return list(self._explain(r, self._recent(hist)).values())
 
     @torch.inference_mode()
     def interest_vectors(self, hist: np.ndarray, n_events: int | None = None, user: Any = None
@@ -249,7 +253,7 @@ class Pipeline:
             logits = self.ranking.score_candidates(h[0], m[0], torch.from_numpy(ids).to(self.device), user=uid)  # (N,)
             final = torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64)
         order = np.argsort(-final, kind="stable")[:n]
-        why = self._explain(r, h[0].cpu().numpy())
+        why = self._explain(r, self._recent(hist))
         out = [Recommended(self.raw_items[int(ids[i])], float(final[i]), float(scores[i]), int(which[i]),
                            why[int(which[i])].behaviours) for i in order]
         return self._fill(out, n, np.concatenate([seen, ids]))

@@ -198,7 +198,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: i
         # they are constants or global-batch statistics, alike on every rank anyway, but models
         # with memories updated in training (UIE's cluster centres) would otherwise drift apart
         step_module = DistributedDataParallel(step_module, device_ids=device_ids)
-    graphs = graphs_wanted(cfg.cuda_graphs, model_device(model), task.graph_safe, _distributed())
+    graph_setting = graphs_setting(cfg.cuda_graphs)
+    graphs = graphs_wanted(graph_setting, model_device(model), task.graph_safe, _distributed())
     opt = make_optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=graphs)
 
     def train_step(batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -208,7 +209,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: i
         opt.step()
         return loss.detach(), parts
 
-    run_step = CudaGraphStep(train_step, enabled=graphs, strict=graphs_setting(cfg.cuda_graphs) == "on")
+    run_step = CudaGraphStep(train_step, enabled=graphs, strict=graph_setting == "on")
     if not 0 <= cfg.ema < 1:
         raise ConfigError(f"train.ema {cfg.ema} must be in [0, 1): the decay of the weight average (0 = off, e.g. 0.999)")
     avg = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None

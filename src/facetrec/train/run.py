@@ -37,11 +37,12 @@ def model_name(cfg: Config) -> str:
     return name
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, option: str = "train.device") -> torch.device:
+    """auto | cpu | cuda -> a torch device; `option` names the setting in the error (e.g. serve's --device)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA device is visible; use train.device=auto or cpu")
+        raise ConfigError(f"{option} is 'cuda' but no CUDA device is visible; use {option}=auto or cpu")
     return torch.device(name)
 
 
