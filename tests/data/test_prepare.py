@@ -110,6 +110,27 @@ def test_fresh_training_negatives_follow_the_same_rule(synth_prepared):
     assert not ((b.aux_neg == b.hist) & b.hist_mask).any()
 
 
+def test_popularity_aux_negatives_follow_training_counts(synth_prepared):
+    from facetrec.data.prepare import aux_negative_probs, sample_aux_negatives
+
+    prep = Prepared(synth_prepared[0])
+    p = aux_negative_probs(prep.items, prep.offsets, prep.n_items)
+    # counted over every user's events but the last two (the valid and test targets), ^0.75
+    held = np.zeros(len(prep.items), dtype=bool)
+    for u in range(1, prep.n_users):
+        held[max(prep.offsets[u - 1], prep.offsets[u] - 2):prep.offsets[u]] = True
+    w = np.bincount(prep.items[~held], minlength=prep.n_items).astype(float) ** 0.75
+    w[0] = 0
+    assert np.allclose(p, w / w.sum()) and p[0] == 0
+    aux = sample_aux_negatives(np.random.default_rng(0), prep.items, prep.n_items, p)
+    assert (aux != prep.items).all() and aux.min() >= 1
+    # popular items are drawn more often than uniform draws would: the correlation with p is clear
+    freq = np.bincount(aux, minlength=prep.n_items) / len(aux)
+    assert np.corrcoef(freq[1:], p[1:])[0, 1] > 0.9
+    with pytest.raises(DataError, match="padding"):
+        sample_aux_negatives(np.random.default_rng(0), prep.items, prep.n_items, np.ones(prep.n_items) / prep.n_items)
+
+
 def test_user_split_protocol_history_and_targets(synth_prepared):
     prep = Prepared(synth_prepared[0])
     ev = retrieval_eval_set(prep, "test", "user_split")

@@ -71,3 +71,26 @@ def test_embed_l2_covers_history_and_candidates_not_the_auxiliary_negatives():
     reg.backward()
     g = items.id_emb.weight.grad
     assert torch.all(g[[0, 6, 7, 8, 9]] == 0) and torch.all(g[[1, 2, 3, 4, 5]].abs().sum(1) > 0)
+
+
+def test_popularity_auxiliary_negatives_reach_the_batches_and_need_resampling(synth_prepared):
+    import pytest
+
+    from facetrec.config import load_config
+    from facetrec.errors import ConfigError
+    from facetrec.train.ranking import epoch_negatives
+    from tests.conftest import ROOT
+
+    prep = Prepared(synth_prepared[0])
+    cfg = lambda *o: load_config(ROOT / "configs" / "synthetic.yaml", ["model.name=dien", *o])  # noqa: E731
+    uni = epoch_negatives(cfg("train.resample_negatives=true"), prep, 5)
+    pop = epoch_negatives(cfg("train.resample_negatives=true", "train.aux_negatives=popularity"), prep, 5)
+    assert (pop != prep.items).all() and (uni != prep.items).all()
+    # popular items are drawn more often than under the uniform draw
+    top = np.argsort(prep.item_counts)[-20:]
+    assert np.isin(pop, top).mean() > 2 * np.isin(uni, top).mean()
+    assert epoch_negatives(cfg(), prep, 5) is None  # prepare's, uniform
+    with pytest.raises(ConfigError, match="resample_negatives"):
+        epoch_negatives(cfg("train.aux_negatives=popularity"), prep, 5)
+    with pytest.raises(ConfigError, match="aux_negatives"):
+        epoch_negatives(cfg("train.resample_negatives=true", "train.aux_negatives=hard"), prep, 5)

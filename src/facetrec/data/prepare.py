@@ -166,13 +166,48 @@ def kcore(events: pl.DataFrame, min_user: int, min_item: int) -> pl.DataFrame:
             return events
 
 
-def sample_aux_negatives(rng: np.random.Generator, items: np.ndarray, n_items: int) -> np.ndarray:
-    """For each event an item id in 1..n_items-1 different from the event's item (DIEN aux negatives)."""
+def sample_aux_negatives(rng: np.random.Generator, items: np.ndarray, n_items: int,
+                         probs: np.ndarray | None = None, max_rounds: int = 100) -> np.ndarray:
+    """For each event an item id in 1..n_items-1 different from the event's item (DIEN aux negatives):
+    uniform over the other n-2 ids, or drawn from `probs` ((n_items,), 0 at padding) and redrawn
+    where it hit the event's own item."""
     if n_items <= 2:
         raise DataError("need at least two items to sample negatives")
-    neg = rng.integers(1, n_items - 1, size=len(items), dtype=np.int32)
-    neg += (neg >= items).astype(np.int32)  # skip the clicked id: uniform over the other n-2 ids
-    return neg
+    if probs is None:
+        neg = rng.integers(1, n_items - 1, size=len(items), dtype=np.int32)
+        neg += (neg >= items).astype(np.int32)  # skip the clicked id: uniform over the other n-2 ids
+        return neg
+    if len(probs) != n_items or probs[0] != 0 or np.count_nonzero(probs) < 2:
+        raise DataError(f"auxiliary-negative probabilities must be (n_items={n_items},) with 0 at padding and at "
+                        f"least two items > 0 (got {len(probs)} entries, {np.count_nonzero(probs)} > 0)")
+    neg = rng.choice(n_items, size=len(items), p=probs).astype(np.int32)
+    todo = np.nonzero(neg == items)[0]
+    for _ in range(max_rounds):
+        if len(todo) == 0:
+            return neg
+        neg[todo] = rng.choice(n_items, size=len(todo), p=probs)
+        todo = todo[neg[todo] == items[todo]]
+    raise DataError("could not draw auxiliary negatives different from the clicked items: one item holds almost all "
+                    "the probability; use train.aux_negatives=uniform")
+
+
+def aux_negative_probs(items: np.ndarray, offsets: np.ndarray, n_items: int, held_out: int = 2,
+                       power: float = 0.75) -> np.ndarray:
+    """(n_items,) sampling probabilities ∝ count^power (word2vec's 0.75), counted over every user's
+    events but the last `held_out` (the ranking protocol's valid and test targets), 0 at padding."""
+    ends = offsets[1:] - held_out
+    starts = offsets[:-1]
+    keep = np.zeros(len(items) + 1, dtype=np.int64)
+    ok = ends > starts
+    np.add.at(keep, starts[ok], 1)
+    np.add.at(keep, ends[ok], -1)
+    mask = np.cumsum(keep[:-1]) > 0  # (E,): events before each user's held-out tail
+    counts = np.bincount(items[mask], minlength=n_items).astype(np.float64)
+    counts[0] = 0
+    w = counts ** power
+    if w.sum() <= 0:
+        raise DataError("no training events to count item popularity from; use train.aux_negatives=uniform")
+    return w / w.sum()
 
 
 def _user_split(rng: np.random.Generator, n: int, shares: tuple[float, float, float]) -> np.ndarray:

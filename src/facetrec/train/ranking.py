@@ -14,7 +14,8 @@ import torch
 
 from facetrec.config import Config
 from facetrec.data.dataset import Prepared, RankingSamples, minibatches, ranking_batch, ranking_samples
-from facetrec.data.prepare import sample_aux_negatives, sample_negatives_for_users
+from facetrec.data.prepare import aux_negative_probs, sample_aux_negatives, sample_negatives_for_users
+from facetrec.errors import ConfigError
 from facetrec.eval.metrics import auc, bucket_of, gauc, logloss
 from facetrec.models import dien as dien_mod
 from facetrec.train.build import build_model, make_config
@@ -76,10 +77,18 @@ def fresh_negatives(prep: Prepared, s: RankingSamples, seed: int) -> RankingSamp
 
 def epoch_negatives(cfg: Config, prep: Prepared, seed: int) -> np.ndarray | None:
     """DIEN's auxiliary negatives for the epoch of `seed` under `train.resample_negatives` (one per
-    event, the same draw on every rank), else None (prepare's)."""
+    event, the same draw on every rank; `train.aux_negatives` uniform or by popularity), else None
+    (prepare's, uniform)."""
+    mode = cfg.train.aux_negatives
+    if mode not in ("uniform", "popularity"):
+        raise ConfigError(f"train.aux_negatives {mode!r} must be 'uniform' or 'popularity'")
     if not cfg.train.resample_negatives:
+        if mode != "uniform":
+            raise ConfigError("train.aux_negatives=popularity needs train.resample_negatives=true (prepare's "
+                              "auxiliary negatives are uniform)")
         return None
-    return sample_aux_negatives(np.random.default_rng([seed, 1]), prep.items, prep.n_items)
+    probs = aux_negative_probs(prep.items, prep.offsets, prep.n_items) if mode == "popularity" else None
+    return sample_aux_negatives(np.random.default_rng([seed, 1]), prep.items, prep.n_items, probs)
 
 
 def ranking_task(cfg: Config, prep: Prepared, model: torch.nn.Module, device: torch.device | str = "cpu",
