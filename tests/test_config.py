@@ -43,3 +43,17 @@ def test_base_inheritance(tmp_path):
     (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain: {epochs: 2}\n")
     cfg = load_config(tmp_path / "child.yaml")
     assert cfg.train.epochs == 2 and cfg.train.lr == 0.01 and cfg.run.dir == "a"
+
+
+def test_train_settings_another_family_reads_are_named_in_a_warning():
+    from facetrec.train.run import ignored_train_settings, warn_ignored_settings
+
+    cfg = load_config(ROOT / "configs" / "amazon-beauty" / "dien.yaml", ["train.negatives=popularity", "train.top_m=100"])
+    assert ignored_train_settings(cfg, "dien") == {"negatives": "popularity", "top_m": 100}
+    with pytest.warns(UserWarning, match=r"train.negatives='popularity' is read by retrieval models only; model 'dien'"):
+        warn_ignored_settings(cfg, "dien")
+    # a key its own family reads, or one left at its default, is not reported
+    assert ignored_train_settings(load_config(ROOT / "configs" / "amazon-beauty" / "mind.yaml", ["train.negatives=popularity"]), "mind") == {}
+    assert ignored_train_settings(cfg, "ple") == {"negatives": "popularity", "top_m": 100}
+    ple = load_config(ROOT / "configs" / "amazon-beauty" / "ple.yaml", ["train.aux_negatives=popularity"])
+    assert ignored_train_settings(ple, "ple") == {} and ignored_train_settings(ple, "mind") == {"aux_negatives": "popularity", "resample_negatives": True}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -14,6 +15,21 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="facetrec: multi-interest retrieval (MIND), interest-evolution ranking (DIEN), cold start (UIE), serving.")
 
 SET_HELP = "Override a config key, e.g. --set train.epochs=3 --set data.root=~/data/x (repeatable)."
+
+
+_format_warning = warnings.formatwarning
+
+
+def _cli_warning(message, category, filename, lineno, line=None) -> str:
+    """facetrec's own warnings as one plain line ('warning: ...'); others (torch's, ...) as Python prints them."""
+    if category is UserWarning and "facetrec" in str(filename):
+        return f"warning: {message}\n"
+    return _format_warning(message, category, filename, lineno, line)
+
+
+@app.callback()
+def _setup() -> None:
+    warnings.formatwarning = _cli_warning
 
 
 def _fail(e: Exception) -> None:

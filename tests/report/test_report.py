@@ -61,6 +61,14 @@ def report(runs, tmp_path_factory):
     return out
 
 
+def test_a_run_records_the_settings_its_trainer_ignored(runs):
+    # the common overrides above give DIEN train.n_negatives, which only the retrieval trainer reads
+    dien = json.loads((runs["dien-s0"] / "metrics.json").read_text())
+    mind = json.loads((runs["mind-s0"] / "metrics.json").read_text())
+    assert dien["train"]["ignored_settings"] == {"n_negatives": 200}
+    assert "ignored_settings" not in mind["train"]
+
+
 def _pixels(path: Path) -> np.ndarray:
     import matplotlib.image
 

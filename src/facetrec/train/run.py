@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 import yaml
 
-from facetrec.config import Config, _build, dump_config
+from facetrec.config import Config, TrainConfig, _build, dump_config
 from facetrec.data.dataset import Prepared, retrieval_eval_set
 from facetrec.data.prepare import ensure_prepared
 from facetrec.errors import ConfigError
@@ -35,6 +36,37 @@ def model_name(cfg: Config) -> str:
         raise ConfigError(f"train.history_cut={cfg.train.history_cut} is read by the multi-task trainer only "
                           f"({', '.join(MULTITASK)}); model {name!r} would ignore it: remove it or set it to 0")
     return name
+
+
+# train.* keys read by one family of trainers only; every other train key is read by all of them
+FAMILY_TRAIN_KEYS: dict[str, tuple[str, ...]] = {
+    "retrieval": ("n_negatives", "negatives", "in_batch_negatives", "protocol", "top_m", "index", "index_params",
+                  "max_eval_users"),
+    "ranking": ("resample_negatives", "aux_negatives"),
+    "multi-task": ("resample_negatives", "aux_negatives", "history_cut", "history_cut_max"),
+}
+
+
+def model_family(name: str) -> str:
+    return "retrieval" if name in ("popularity", *RETRIEVAL) else "multi-task" if name in MULTITASK else "ranking"
+
+
+def ignored_train_settings(cfg: Config, name: str) -> dict[str, Any]:
+    """train.* keys set away from their defaults that model `name`'s trainer never reads: key -> value."""
+    mine = set(FAMILY_TRAIN_KEYS[model_family(name)])
+    others = {k for keys in FAMILY_TRAIN_KEYS.values() for k in keys} - mine
+    default = TrainConfig()
+    return {k: getattr(cfg.train, k) for k in sorted(others) if getattr(cfg.train, k) != getattr(default, k)}
+
+
+def warn_ignored_settings(cfg: Config, name: str) -> dict[str, Any]:
+    """Warn once per key that `name` ignores (a typo'd family, or a shared override file); returns them."""
+    ignored = ignored_train_settings(cfg, name)
+    for k, v in ignored.items():
+        families = [f for f, keys in FAMILY_TRAIN_KEYS.items() if k in keys]
+        warnings.warn(f"train.{k}={v!r} is read by {' and '.join(families)} models only; model {name!r} "
+                      f"({model_family(name)}) ignores it", stacklevel=3)
+    return ignored
 
 
 def resolve_device(name: str, option: str = "train.device") -> torch.device:
@@ -67,6 +99,7 @@ def _check_resume(cfg: Config, run_dir: Path) -> None:
 def train(cfg: Config, progress: bool = True, rank: int = 0, world: int = 1) -> dict[str, Any]:
     """Train the configured model and write run.dir/metrics.json; returns the metrics."""
     name = model_name(cfg)
+    ignored = warn_ignored_settings(cfg, name) if rank == 0 else {}
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_resume(cfg, run_dir)
@@ -114,7 +147,8 @@ def train(cfg: Config, progress: bool = True, rank: int = 0, world: int = 1) -> 
         "train": {"epochs": result.epochs, "best_epoch": result.best_epoch, "steps": result.steps,
                   "seconds": round(result.seconds, 1), "best_valid": result.best_valid, "device": str(device),
                   "cuda_graph_replays": result.graph_replays,
-                  **({"cuda_graph_failed": result.graph_failed} if result.graph_failed else {})},
+                  **({"cuda_graph_failed": result.graph_failed} if result.graph_failed else {}),
+                  **({"ignored_settings": ignored} if ignored else {})},
     }
     if rank == 0:
         write_json(run_dir / "metrics.json", out)
