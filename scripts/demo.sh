@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 DATA="${FACETREC_DATA:-../shared/data}"
 OUT=runs/demo
 STEPS="${DEMO_STEPS:-200}"
-TRAIN=(--quiet --set train.epochs=1 --set "train.max_steps=$STEPS" --set train.device=cpu --set train.max_eval_users=2000)
+TRAIN=(--quiet --set train.epochs=1 --set "train.max_steps=$STEPS" --set train.device=cpu)
 
 if [ -f "$DATA/amazon-beauty/interactions.tsv" ]; then
   echo "== data: amazon-beauty from $DATA"
@@ -31,7 +31,7 @@ facetrec prepare "$CONFIG" "${PREP[@]}" --set "run.dir=$OUT/prepared"
 # fresh runs each time (a run dir with last.pt would be resumed)
 rm -rf "$OUT/mind" "$OUT/dien" "$OUT/artifact" "$OUT/state.db" "$OUT/state.db-wal" "$OUT/state.db-shm"
 echo "== train MIND ($STEPS steps) -> $OUT/mind"
-facetrec train "${MIND[@]}" "${TRAIN[@]}" --set "run.dir=$OUT/mind"
+facetrec train "${MIND[@]}" "${TRAIN[@]}" --set train.max_eval_users=2000 --set "run.dir=$OUT/mind"
 echo "== train DIEN ($STEPS steps) -> $OUT/dien"
 facetrec train "${DIEN[@]}" "${TRAIN[@]}" --set "run.dir=$OUT/dien"
 
