@@ -71,11 +71,11 @@ def _train_tiny(base: Path) -> Tiny:
 
     synth(SynthConfig(n_users=300, n_items=400, n_categories=10, seed=1), base / "raw", progress=False)
     common = [f"data.root={base / 'raw'}", "train.epochs=1", "train.max_steps=5", "train.batch_size=64",
-              "train.threads=1", "train.device=cpu", "train.max_eval_users=50"]
+              "train.threads=1", "train.device=cpu"]
     cfg = ROOT / "configs" / "synthetic.yaml"
     # K = 8 so that K'_u = floor(log2 |I_u|) can exceed what the 20-item window alone would give (4)
     train(load_config(cfg, common + ["model.name=mind", "model.dim=8", "model.n_interests=8", "model.hidden=[16]",
-                                     "train.n_negatives=50", f"run.dir={base / 'mind'}"]), progress=False)
+                                     "train.n_negatives=50", "train.max_eval_users=50", f"run.dir={base / 'mind'}"]), progress=False)
     train(load_config(cfg, common + ["model.name=dien", "model.embed_dim=4", "model.mlp=[8]",
                                      f"run.dir={base / 'dien'}"]), progress=False)
     version = export(base / "mind", base / "artifact", base / "dien", candidates=50, top_m=30)
