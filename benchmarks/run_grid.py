@@ -65,6 +65,10 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds before a run is killed")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    args.runs, args.out = args.runs.resolve(), args.out.resolve() if args.out else None
+    if args.job_file:
+        args.job_file = args.job_file.resolve()
+    os.chdir(ROOT)  # configs, data.root and the runs' processes all resolve from the repository root
 
     lines = list(args.job)
     if args.job_file:
