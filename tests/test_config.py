@@ -60,3 +60,8 @@ def test_train_settings_another_family_reads_are_named_in_a_warning():
     assert ignored_train_settings(cfg, "ple") == {"negatives": "popularity", "top_m": 100}
     ple = load_config(ROOT / "configs" / "amazon-beauty" / "ple.yaml", ["train.aux_negatives=popularity"])
     assert ignored_train_settings(ple, "ple") == {} and ignored_train_settings(ple, "mind") == {"aux_negatives": "popularity", "resample_negatives": True}
+    # within the ranking family only DIEN draws auxiliary negatives
+    dien = load_config(ROOT / "configs" / "amazon-beauty" / "dien.yaml", ["train.aux_negatives=popularity"])
+    assert ignored_train_settings(dien, "dien") == {} and ignored_train_settings(dien, "din") == {"aux_negatives": "popularity"}
+    with pytest.warns(UserWarning, match=r"train.aux_negatives='popularity' is read by dien, ple, ple-uie only; model 'base'"):
+        warn_ignored_settings(dien, "base")

@@ -51,21 +51,30 @@ def model_family(name: str) -> str:
     return "retrieval" if name in ("popularity", *RETRIEVAL) else "multi-task" if name in MULTITASK else "ranking"
 
 
+# within the ranking family, keys only some models read
+MODEL_TRAIN_KEYS: dict[str, tuple[str, ...]] = {"aux_negatives": ("dien", *MULTITASK)}
+
+
 def ignored_train_settings(cfg: Config, name: str) -> dict[str, Any]:
     """train.* keys set away from their defaults that model `name`'s trainer never reads: key -> value."""
-    mine = set(FAMILY_TRAIN_KEYS[model_family(name)])
+    mine = set(FAMILY_TRAIN_KEYS[model_family(name)]) - {k for k, models in MODEL_TRAIN_KEYS.items() if name not in models}
     others = {k for keys in FAMILY_TRAIN_KEYS.values() for k in keys} - mine
     default = TrainConfig()
     return {k: getattr(cfg.train, k) for k in sorted(others) if getattr(cfg.train, k) != getattr(default, k)}
+
+
+def _readers(key: str) -> str:
+    if key in MODEL_TRAIN_KEYS:
+        return ", ".join(MODEL_TRAIN_KEYS[key])
+    return " and ".join(f for f, keys in FAMILY_TRAIN_KEYS.items() if key in keys) + " models"
 
 
 def warn_ignored_settings(cfg: Config, name: str) -> dict[str, Any]:
     """Warn once per key that `name` ignores (a typo'd family, or a shared override file); returns them."""
     ignored = ignored_train_settings(cfg, name)
     for k, v in ignored.items():
-        families = [f for f, keys in FAMILY_TRAIN_KEYS.items() if k in keys]
-        warnings.warn(f"train.{k}={v!r} is read by {' and '.join(families)} models only; model {name!r} "
-                      f"({model_family(name)}) ignores it", stacklevel=3)
+        warnings.warn(f"train.{k}={v!r} is read by {_readers(k)} only; model {name!r} ({model_family(name)}) "
+                      f"ignores it", stacklevel=3)
     return ignored
 
 
