@@ -24,7 +24,7 @@ import polars as pl
 import torch
 
 from facetrec.data.batches import RankingBatch, RetrievalBatch
-from facetrec.data.prepare import pair_keys
+from facetrec.data.prepare import aux_negative_probs, pair_keys
 from facetrec.errors import DataError
 
 SPLITS = ("train", "valid", "test")
@@ -68,12 +68,19 @@ class Prepared:
             self.item_features = {k: z[k].astype(np.int64) for k in z.files}
         self.field_vocab = {k: int(v["vocab"]) for k, v in self.feature_map["item_fields"].items()}
         self._pair_keys: np.ndarray | None = None
+        self._aux_probs: np.ndarray | None = None
 
     def pair_keys(self) -> np.ndarray:
         """Sorted user * n_items + item over all events: `data.prepare.sample_negatives_for_users`' membership test."""
         if self._pair_keys is None:
             self._pair_keys = pair_keys(np.repeat(np.arange(self.n_users), self.counts), self.items, self.n_items)
         return self._pair_keys
+
+    def aux_negative_probs(self) -> np.ndarray:
+        """`data.prepare.aux_negative_probs` over this log (computed once): DIEN's popularity-drawn auxiliary negatives."""
+        if self._aux_probs is None:
+            self._aux_probs = aux_negative_probs(self.items, self.offsets, self.n_items)
+        return self._aux_probs
 
     def feature_tensors(self) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v) for k, v in self.item_features.items()}

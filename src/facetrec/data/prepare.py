@@ -195,14 +195,8 @@ def aux_negative_probs(items: np.ndarray, offsets: np.ndarray, n_items: int, hel
                        power: float = 0.75) -> np.ndarray:
     """(n_items,) sampling probabilities ∝ count^power (word2vec's 0.75), counted over every user's
     events but the last `held_out` (the ranking protocol's valid and test targets), 0 at padding."""
-    ends = offsets[1:] - held_out
-    starts = offsets[:-1]
-    keep = np.zeros(len(items) + 1, dtype=np.int64)
-    ok = ends > starts
-    np.add.at(keep, starts[ok], 1)
-    np.add.at(keep, ends[ok], -1)
-    mask = np.cumsum(keep[:-1]) > 0  # (E,): events before each user's held-out tail
-    counts = np.bincount(items[mask], minlength=n_items).astype(np.float64)
+    left = np.repeat(offsets[1:], np.diff(offsets)) - np.arange(len(items))  # (E,): events from here to the user's end
+    counts = np.bincount(items[left > held_out], minlength=n_items).astype(np.float64)
     counts[0] = 0
     w = counts ** power
     if w.sum() <= 0:

@@ -14,7 +14,7 @@ import torch
 
 from facetrec.config import Config
 from facetrec.data.dataset import Prepared, RankingSamples, minibatches, ranking_batch, ranking_samples
-from facetrec.data.prepare import aux_negative_probs, sample_aux_negatives, sample_negatives_for_users
+from facetrec.data.prepare import sample_aux_negatives, sample_negatives_for_users
 from facetrec.errors import ConfigError
 from facetrec.eval.metrics import auc, bucket_of, gauc, logloss
 from facetrec.models import dien as dien_mod
@@ -87,7 +87,7 @@ def epoch_negatives(cfg: Config, prep: Prepared, seed: int) -> np.ndarray | None
             raise ConfigError("train.aux_negatives=popularity needs train.resample_negatives=true (prepare's "
                               "auxiliary negatives are uniform)")
         return None
-    probs = aux_negative_probs(prep.items, prep.offsets, prep.n_items) if mode == "popularity" else None
+    probs = prep.aux_negative_probs() if mode == "popularity" else None
     return sample_aux_negatives(np.random.default_rng([seed, 1]), prep.items, prep.n_items, probs)
 
 
