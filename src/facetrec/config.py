@@ -100,6 +100,7 @@ class TrainConfig:
     embed_l2: float = 0.0  # ranking / PLE / retrieval: λ of the mini-batch-aware L2 (DIN paper §4.3.1) on the item-id embeddings of a batch's histories and candidates (targets), each weighted 1 / its training frequency
     resample_negatives: bool = False  # ranking and multi-task (PLE): draw the training negatives (targets' and DIEN's auxiliary ones) afresh every epoch
     aux_negatives: str = "uniform"  # DIEN's auxiliary negatives under resample_negatives: uniform | popularity (∝ training count^0.75, word2vec's smoothing)
+    positions: str = "all"  # ranking: training samples at every position of a user's sequence (SPEC §1.3) | last (each user's last training position only, the official DIEN code's Amazon data)
     history_cut: float = 0.0  # multi-task (PLE) only, refused for other models: share of training samples per epoch whose history is cut to its last k events, k uniform in 1..history_cut_max (simulated sparse users)
     history_cut_max: int = 5  # multi-task (PLE): the longest history a cut leaves
     protocol: str = "user_split"  # retrieval: user_split | leave_last_out

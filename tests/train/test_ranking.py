@@ -94,3 +94,28 @@ def test_popularity_auxiliary_negatives_reach_the_batches_and_need_resampling(sy
         epoch_negatives(cfg("train.aux_negatives=popularity"), prep, 5)
     with pytest.raises(ConfigError, match="aux_negatives"):
         epoch_negatives(cfg("train.resample_negatives=true", "train.aux_negatives=hard"), prep, 5)
+
+
+def test_last_positions_keep_one_positive_per_user_with_its_negatives(synth_prepared):
+    import pytest
+
+    from facetrec.config import load_config
+    from facetrec.errors import ConfigError
+    from facetrec.train.ranking import training_positions
+    from tests.conftest import ROOT
+
+    prep = Prepared(synth_prepared[0])
+    full = ranking_samples(prep, "train")
+    cfg = lambda *o: load_config(ROOT / "configs" / "synthetic.yaml", ["model.name=dien", *o])  # noqa: E731
+    assert training_positions(cfg(), full) is full  # the default: every position (SPEC §1.3)
+    last = training_positions(cfg("train.positions=last"), full)
+    users = np.unique(full.user)
+    # one positive per training user, at the user's largest training position, with that position's negatives
+    assert np.array_equal(np.sort(last.user[last.label == 1]), users)
+    for u in users[:50]:
+        top = full.pos[full.user == u].max()
+        sel = (full.user == u) & (full.pos == top)
+        assert set(last.pos[last.user == u]) == {top}
+        assert sorted(last.target[last.user == u]) == sorted(full.target[sel])
+    with pytest.raises(ConfigError, match="train.positions"):
+        training_positions(cfg("train.positions=first"), full)

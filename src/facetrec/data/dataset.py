@@ -202,6 +202,24 @@ def ranking_samples(prep: Prepared, split: str) -> RankingSamples:
                           df["target"].to_numpy().astype(np.int64), df["label"].to_numpy().astype(np.float32))
 
 
+def last_positions(s: RankingSamples) -> RankingSamples:
+    """The samples at each user's last position only (its positive and that position's negatives):
+    one training example per user, as the official DIEN code builds its Amazon data (`train.positions: last`).
+
+    Example:
+        >>> s = RankingSamples(np.array([1, 1, 1, 1, 2, 2]), np.array([1, 1, 2, 2, 1, 1]),
+        ...                    np.array([5, 6, 7, 8, 9, 3]), np.array([1, 0, 1, 0, 1, 0], np.float32))
+        >>> last_positions(s).target.tolist()
+        [7, 8, 9, 3]
+    """
+    if len(s) == 0:
+        return s
+    last = np.full(int(s.user.max()) + 1, -1, dtype=np.int64)
+    np.maximum.at(last, s.user, s.pos)
+    keep = s.pos == last[s.user]
+    return RankingSamples(s.user[keep], s.pos[keep], s.target[keep], s.label[keep])
+
+
 def ranking_batch(prep: Prepared, s: RankingSamples, idx: np.ndarray, max_len: int,
                   aux_neg: np.ndarray | None = None) -> RankingBatch:
     """Samples `idx` of `s` with their histories; `aux_neg` (one per event) replaces prepare's auxiliary negatives."""

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from facetrec.config import Config
-from facetrec.data.dataset import Prepared, RankingSamples, minibatches, ranking_batch, ranking_samples
+from facetrec.data.dataset import Prepared, RankingSamples, last_positions, minibatches, ranking_batch, ranking_samples
 from facetrec.data.prepare import sample_aux_negatives, sample_negatives_for_users
 from facetrec.errors import ConfigError
 from facetrec.eval.metrics import auc, bucket_of, gauc, logloss
@@ -91,9 +91,18 @@ def epoch_negatives(cfg: Config, prep: Prepared, seed: int) -> np.ndarray | None
     return sample_aux_negatives(np.random.default_rng([seed, 1]), prep.items, prep.n_items, probs)
 
 
+def training_positions(cfg: Config, s: RankingSamples) -> RankingSamples:
+    """`train.positions`: every position's samples (SPEC §1.3), or each user's last only."""
+    mode = cfg.train.positions
+    if mode not in ("all", "last"):
+        raise ConfigError(f"train.positions {mode!r} must be 'all' (every position, SPEC §1.3) or 'last' "
+                          f"(each user's last training position)")
+    return last_positions(s) if mode == "last" else s
+
+
 def ranking_task(cfg: Config, prep: Prepared, model: torch.nn.Module, device: torch.device | str = "cpu",
                  rank: int = 0, world: int = 1) -> Task:
-    train = ranking_samples(prep, "train")
+    train = training_positions(cfg, ranking_samples(prep, "train"))
     valid = ranking_samples(prep, "valid")
     bs = cfg.train.batch_size
     l2 = cfg.train.embed_l2

@@ -42,7 +42,7 @@ def model_name(cfg: Config) -> str:
 FAMILY_TRAIN_KEYS: dict[str, tuple[str, ...]] = {
     "retrieval": ("n_negatives", "negatives", "in_batch_negatives", "protocol", "top_m", "index", "index_params",
                   "max_eval_users"),
-    "ranking": ("resample_negatives", "aux_negatives"),
+    "ranking": ("resample_negatives", "aux_negatives", "positions"),
     "multi-task": ("resample_negatives", "aux_negatives", "history_cut", "history_cut_max"),
 }
 
