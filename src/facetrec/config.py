@@ -104,6 +104,7 @@ class TrainConfig:
     history_cut: float = 0.0  # multi-task (PLE) only, refused for other models: share of training samples per epoch whose history is cut to its last k events, k uniform in 1..history_cut_max (simulated sparse users)
     history_cut_max: int = 5  # multi-task (PLE): the longest history a cut leaves
     protocol: str = "user_split"  # retrieval: user_split | leave_last_out
+    min_history: int = 1  # retrieval: train only on positions with at least this many events before them
     top_m: int = 200  # retrieval eval: candidates per interest
     index: str = "exact"  # exact | hnsw | ivf | ivfpq
     index_params: dict[str, Any] = field(default_factory=dict)

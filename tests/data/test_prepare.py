@@ -189,3 +189,14 @@ def test_real_taobao_prepare_lenient(tmp_path):
         prepare(load_config(ROOT / "configs" / "taobao.yaml", [f"run.dir={tmp_path}"]), verbose=False)
     s = prepare(load_config(ROOT / "configs" / "taobao.yaml", [f"run.dir={tmp_path}", "prepare.lenient=true"]), verbose=False)
     assert s["skipped_rows"] == 1 and s["before"]["events"] == 84475
+
+
+def test_retrieval_min_history_drops_the_early_positions_only(synth_prepared):
+    prep = Prepared(synth_prepared[0])
+    u1, p1 = retrieval_train_samples(prep, "user_split")
+    u3, p3 = retrieval_train_samples(prep, "user_split", min_history=3)
+    keep = p1 >= 3
+    assert np.array_equal(u3, u1[keep]) and np.array_equal(p3, p1[keep])
+    assert p3.min() == 3
+    with pytest.raises(DataError, match="min_history"):
+        retrieval_train_samples(prep, "user_split", min_history=0)

@@ -124,8 +124,11 @@ class RetrievalEvalSet:
     target_items: np.ndarray  # (sum,)
 
 
-def retrieval_train_samples(prep: Prepared, protocol: str) -> tuple[np.ndarray, np.ndarray]:
-    """(user, position) pairs: predict the event at `position` from the events before it."""
+def retrieval_train_samples(prep: Prepared, protocol: str, min_history: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(user, position) pairs: predict the event at `position` from the events before it, for every
+    position with at least `min_history` events before it."""
+    if min_history < 1:
+        raise DataError(f"train.min_history {min_history} must be >= 1 (a training sample needs a history)")
     if protocol == "user_split":
         users = prep.users_of("train")
         reserve = 0
@@ -134,9 +137,9 @@ def retrieval_train_samples(prep: Prepared, protocol: str) -> tuple[np.ndarray, 
         reserve = 2
     else:
         raise DataError(f"train.protocol {protocol!r} must be 'user_split' or 'leave_last_out'")
-    n_pos = np.maximum(prep.counts[users] - 1 - reserve, 0)  # positions 1 .. count-1-reserve
+    n_pos = np.maximum(prep.counts[users] - min_history - reserve, 0)  # positions min_history .. count-1-reserve
     su = np.repeat(users, n_pos)
-    pos = np.arange(len(su)) - np.repeat(np.cumsum(n_pos) - n_pos, n_pos) + 1
+    pos = np.arange(len(su)) - np.repeat(np.cumsum(n_pos) - n_pos, n_pos) + min_history
     return su, pos.astype(np.int64)
 
 

@@ -138,7 +138,7 @@ def retrieval_task(cfg: Config, prep: Prepared, model: MIND, device: torch.devic
         raise ConfigError(f"train.in_batch_negatives with {world} processes would take each rank's slice, not the "
                           "global batch, as in-batch negatives (so the run would not train like one process); "
                           "set train.in_batch_negatives=false or run one process")
-    users, pos = retrieval_train_samples(prep, cfg.train.protocol)
+    users, pos = retrieval_train_samples(prep, cfg.train.protocol, cfg.train.min_history)
     # the same negatives on every rank at every step: drawn for the global batch, shared by its rows
     sampler = NegativeSampler(prep.item_counts, mode=cfg.train.negatives, seed=cfg.train.seed)
     valid_set = retrieval_eval_set(prep, "valid", cfg.train.protocol, cfg.train.max_eval_users, seed=cfg.train.seed)
