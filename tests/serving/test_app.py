@@ -291,5 +291,7 @@ def test_event_batch_size_bounds(client, items):
 
 
 def test_wrong_method_and_path(client):
-    assert client.get("/recommend").status_code == 405
-    assert client.post("/nowhere", json={}).status_code == 404
+    r = client.get("/recommend")
+    assert r.status_code == 405 and r.json() == {"error": "Method Not Allowed"} and "POST" in r.headers["allow"]
+    r = client.post("/nowhere", json={})
+    assert r.status_code == 404 and r.json() == {"error": "Not Found"}

@@ -49,6 +49,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from facetrec.errors import FacetrecError
 from facetrec.serving.pipeline import Pipeline, UnknownItems
@@ -270,6 +271,13 @@ def create_app(pipeline: Pipeline, store: UserStore) -> FastAPI:
                  for e in errs[:MAX_ERRORS_SHOWN]]
         more = f" ({len(errs)} errors, first {MAX_ERRORS_SHOWN} shown)" if len(errs) > MAX_ERRORS_SHOWN else ""
         return _error(422, "request does not match the schema; see detail and /docs" + more, shown)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        # the framework's own 4xx (unknown path, wrong method) in the same {"error": ...} shape as ours
+        response = _error(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})  # e.g. a 405's Allow
+        return response
 
     @app.exception_handler(UnknownItems)
     async def _unknown(request: Request, exc: UnknownItems):
