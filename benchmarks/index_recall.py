@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--M", type=int, default=32, help="HNSW neighbours per node")
     ap.add_argument("--ef-construction", type=int, default=200)
     ap.add_argument("--ef", type=int, nargs="*", default=[64, 128, 256, 512], help="HNSW efSearch values")
+    ap.add_argument("--space", nargs="+", default=["ip"], choices=["ip", "l2"], help="HNSW graph space(s): ip, l2 (both: side by side)")
     ap.add_argument("--nlist", type=int, default=0, help="IVF lists (default about 4 sqrt(n))")
     ap.add_argument("--nprobe", type=int, nargs="*", default=[8, 16, 32, 64, 128], help="IVF nprobe values")
     ap.add_argument("--pq-m", type=int, default=0, help="also IVFPQ with this many sub-quantizers (0 = skip)")
@@ -144,10 +145,10 @@ def main() -> None:
                 | {"est_mib": round(memory_estimate_bytes(n, d, "exact") / 2**20, 1), "size_mib": round(serialized_mib(exact), 1)})
     del exact
 
-    if args.ef:
-        hnsw, t_hnsw = build("hnsw", M=args.M, efConstruction=args.ef_construction, efSearch=args.ef[0])
+    for space in args.space if args.ef else ():
+        hnsw, t_hnsw = build("hnsw", M=args.M, efConstruction=args.ef_construction, efSearch=args.ef[0], space=space)
         assert isinstance(hnsw, HNSWIndex)
-        mem = {"est_mib": round(memory_estimate_bytes(n, d, "hnsw", hnsw.params) / 2**20, 1),
+        mem = {"est_mib": round(memory_estimate_bytes(n, d + (space == "l2"), "hnsw", hnsw.params) / 2**20, 1),
                "size_mib": round(serialized_mib(hnsw), 1)}
         for ef in args.ef:
             hnsw.efSearch = ef

@@ -111,7 +111,7 @@ def export(
     out: Path = typer.Option(..., help="Artifact root; a new version is written under it and made current."),
     ranking: Optional[Path] = typer.Option(None, help="Run directory of a dien / din / base training."),
     index: Optional[str] = typer.Option(None, help="ANN index kind: exact | hnsw | ivf | ivfpq (default: the run's train.index)."),
-    index_param: Optional[List[str]] = typer.Option(None, "--index-param", help="Index parameter KEY=INT, e.g. efSearch=256 (repeatable)."),
+    index_param: Optional[List[str]] = typer.Option(None, "--index-param", help="Index parameter KEY=VALUE, e.g. efSearch=256 or space=l2 (hnsw) (repeatable)."),
     top_m: Optional[int] = typer.Option(None, help="Candidates per interest from the index (default: the run's train.top_m)."),
     candidates: int = typer.Option(200, help="Merged candidates the ranker scores per request."),
 ) -> None:
@@ -124,9 +124,10 @@ def export(
             params = {}
             for kv in index_param:
                 k, sep, v = kv.partition("=")
-                if not sep or not v.strip().lstrip("-").isdigit():
-                    raise FacetrecError(f"--index-param {kv!r}: write KEY=INT, e.g. efSearch=256")
-                params[k.strip()] = int(v)
+                if not sep or not k.strip() or not v.strip():
+                    raise FacetrecError(f"--index-param {kv!r}: write KEY=VALUE, e.g. efSearch=256 or space=l2")
+                v = v.strip()
+                params[k.strip()] = int(v) if v.lstrip("-").isdigit() else v  # the index checks names and values
         version = run_export(retrieval, out, ranking, index_kind=index, index_params=params, candidates=candidates,
                              top_m=top_m)
     except FacetrecError as e:

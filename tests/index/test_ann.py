@@ -237,6 +237,28 @@ def test_hnsw_recall_against_exact(big):
     assert ann_recall(index.search(q, 100)[1], exact) < 0.9
 
 
+def test_hnsw_l2_space_reaches_exact_search_and_survives_save(big, tmp_path):
+    """space "l2": items lengthened to one norm, the graph built on L2; scores are the inner
+    products again, a wide enough search is exact, and save / load keep all of it."""
+    x, ids, q, exact = big
+    index = HNSWIndex(M=32, efConstruction=100, efSearch=256, space="l2")
+    index.build(x, ids)
+    assert index.dim == x.shape[1] and index.params["space"] == "l2"
+    assert ann_recall(index.search(q, 100)[1], exact) >= 0.9
+    index.efSearch = len(x)  # the whole graph: exact, scores included
+    scores, got = index.search(q, 100)
+    assert ann_recall(got, exact) == pytest.approx(1.0, abs=1e-3)
+    truth_scores = np.take_along_axis(q @ x.T, got - 1, axis=1)
+    np.testing.assert_allclose(scores, truth_scores, rtol=1e-4, atol=1e-4)
+    index.save(tmp_path / "l2.faiss")
+    back = load_index(tmp_path / "l2.faiss")
+    assert isinstance(back, HNSWIndex) and back.params == index.params and back.dim == index.dim
+    s2, g2 = back.search(q, 100)
+    assert np.array_equal(g2, got) and np.allclose(s2, scores, atol=1e-5)
+    with pytest.raises(ConfigError, match="space must be one of"):
+        HNSWIndex(space="cosine")
+
+
 def test_ivf_recall_against_exact_grows_with_nprobe(big):
     x, ids, q, exact = big
     index = IVFIndex(nlist=256, nprobe=32)

@@ -74,7 +74,19 @@ def test_cli_export_makes_a_new_current_version(tiny, tmp_path, monkeypatch):
         Pipeline(out, search_params={"nprobe": 8})
     bad = subprocess.run([sys.executable, "-m", "facetrec", "export", "--retrieval", str(tiny.mind), "--out", str(out),
                           "--index-param", "efSearch"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "KEY=INT" in bad.stderr
+    assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
+    r = subprocess.run([sys.executable, "-m", "facetrec", "export", "--retrieval", str(tiny.mind), "--out", str(out),
+                        "--index", "hnsw", "--index-param", "space=l2", "--index-param", "efSearch=4096"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert load_manifest(resolve_version(out))["index"]["params"]["space"] == "l2"
+    l2 = Pipeline(out)
+    assert l2.index.params["space"] == "l2" and l2.index.dim == int(l2.retrieval.cfg.dim)
+    hist = l2.popular[:5].astype("int64")
+    assert l2.recommend(hist, n=10)  # the lengthened graph serves like any other
+    bad = subprocess.run([sys.executable, "-m", "facetrec", "export", "--retrieval", str(tiny.mind), "--out", str(out),
+                          "--index", "hnsw", "--index-param", "space=cosine"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "space must be one of 'ip', 'l2'" in bad.stderr
 
 
 def test_export_refuses_wrong_roles_and_unfinished_runs(tiny, tmp_path, monkeypatch):

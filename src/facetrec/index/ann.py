@@ -11,7 +11,7 @@ Kinds and their parameters (names as in faiss):
 | kind    | class        | faiss index                  | parameters                         |
 | ------- | ------------ | ---------------------------- | ---------------------------------- |
 | exact   | ExactIndex   | IndexFlatIP (numpy fallback) | backend (auto, faiss or numpy)     |
-| hnsw    | HNSWIndex    | IndexHNSWFlat, inner product | M, efConstruction, efSearch        |
+| hnsw    | HNSWIndex    | IndexHNSWFlat, inner product | M, efConstruction, efSearch, space |
 | ivf     | IVFIndex     | IndexIVFFlat, inner product  | nlist, nprobe                      |
 | ivfpq   | IVFPQIndex   | IndexIVFPQ, inner product    | nlist, m, nbits, nprobe            |
 
@@ -402,6 +402,13 @@ class HNSWIndex(_FaissIndex):
         efConstruction: candidate list while building (higher = better graph, slower build).
         efSearch: candidate list while searching (higher = better recall, slower queries);
             faiss uses max(efSearch, k), so set it well above the k you search for (top_m). Change it after building with `index.efSearch = ...`.
+        space: "ip" builds the graph on inner product itself. "l2" builds it on a metric instead:
+            every item gets one more coordinate sqrt(R² − ‖x‖²) (R = the largest item norm), so all
+            items have length R and the largest inner product is the nearest neighbour in L2
+            (Bachrach et al., RecSys 2014); queries get a 0 there and scores are turned back into
+            inner products. An inner-product graph can leave items unreachable (its recall stops
+            short of 1 however large efSearch gets, worst on weakly trained vectors); the L2 graph
+            reaches exact search as efSearch grows (docs/benchmarks.md, "ANN").
 
     Example:
         >>> idx = HNSWIndex(M=16, efSearch=64); idx.build(np.eye(4, dtype=np.float32), np.arange(1, 5))
@@ -410,22 +417,50 @@ class HNSWIndex(_FaissIndex):
     """
 
     kind = "hnsw"
-    PARAMS: ClassVar[dict[str, Any]] = {"M": 32, "efConstruction": 200, "efSearch": 256}
+    PARAMS: ClassVar[dict[str, Any]] = {"M": 32, "efConstruction": 200, "efSearch": 256, "space": "ip"}
+    SPACES = ("ip", "l2")
 
-    def __init__(self, M: int = 32, efConstruction: int = 200, efSearch: int = 256) -> None:
+    def __init__(self, M: int = 32, efConstruction: int = 200, efSearch: int = 256, space: str = "ip") -> None:
         super().__init__()
-        self._requested = {"M": M, "efConstruction": efConstruction, "efSearch": efSearch}
+        self._requested = {"M": M, "efConstruction": efConstruction, "efSearch": efSearch, "space": space}
         self._p = self.resolve_params(1, 1, self._requested)
+        self._r2 = 0.0  # space "l2": R², every stored (lengthened) item's squared norm
 
     @classmethod
     def resolve_params(cls, n: int, d: int, params: dict[str, Any]) -> dict[str, Any]:
         p = super().resolve_params(n, d, params)
-        return {name: _positive_int("hnsw", name, p[name], 1024 if name == "M" else 1 << 20) for name in cls.PARAMS}
+        if p["space"] not in cls.SPACES:
+            raise ConfigError(f"hnsw index space must be one of {', '.join(map(repr, cls.SPACES))}, got {p['space']!r} "
+                              f"(e.g. train.index_params: {{space: l2}})")
+        return {name: p[name] if name == "space" else _positive_int("hnsw", name, p[name], 1024 if name == "M" else 1 << 20)
+                for name in cls.PARAMS}
 
     def _make(self, x: np.ndarray) -> Any:
-        inner = faiss.IndexHNSWFlat(x.shape[1], self._p["M"], faiss.METRIC_INNER_PRODUCT)
+        metric = faiss.METRIC_L2 if self._p["space"] == "l2" else faiss.METRIC_INNER_PRODUCT
+        inner = faiss.IndexHNSWFlat(x.shape[1], self._p["M"], metric)  # x already lengthened for "l2"
         inner.hnsw.efConstruction = self._p["efConstruction"]
         return inner
+
+    def build(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        self._p = self.resolve_params(1, 1, self._requested)
+        if self._p["space"] != "l2":
+            return super().build(vectors, ids)
+        x, i = _check_build_inputs(vectors, ids)
+        sq = np.einsum("nd,nd->n", x, x, dtype=np.float64)  # (N,)
+        r2 = float(sq.max())
+        super().build(np.hstack([x, np.sqrt(r2 - sq)[:, None].astype(np.float32)]), i)
+        self._dim, self._r2 = x.shape[1], r2
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._p["space"] != "l2":
+            return super().search(queries, k)
+        self._built()
+        q = _check_queries(queries, self._dim, k)
+        dist, ids = self._index.search(np.hstack([q, np.zeros((len(q), 1), np.float32)]), int(k))
+        # ‖q − x'‖² = ‖q‖² + R² − 2 q·x, so q·x = (‖q‖² + R² − ‖q − x'‖²) / 2: descending as dist ascends
+        scores = ((np.einsum("qd,qd->q", q, q, dtype=np.float64)[:, None] + self._r2 - dist) / 2).astype(np.float32)
+        scores[ids < 0] = -np.inf
+        return scores, ids
 
     def _apply_search_params(self) -> None:
         self._inner.hnsw.efSearch = self._p["efSearch"]
@@ -760,8 +795,14 @@ def _from_faiss(index: Any, path: str | Path) -> ANNIndex:
     if isinstance(inner, faiss.IndexHNSWFlat):
         hnsw = inner.hnsw
         M = int(hnsw.nb_neighbors(1))
-        return HNSWIndex._wrap(index, inner, {"M": M, "efConstruction": int(hnsw.efConstruction),
-                                              "efSearch": int(hnsw.efSearch)})
+        l2 = inner.metric_type == faiss.METRIC_L2
+        obj = HNSWIndex._wrap(index, inner, {"M": M, "efConstruction": int(hnsw.efConstruction),
+                                             "efSearch": int(hnsw.efSearch), "space": "l2" if l2 else "ip"})
+        obj._r2 = 0.0
+        if l2:  # the stored items all have length R: read R² back from them, drop the extra coordinate
+            stored = faiss.downcast_index(inner.storage).reconstruct_n(0, min(int(inner.ntotal), 1024))
+            obj._dim, obj._r2 = int(index.d) - 1, float(np.einsum("nd,nd->n", stored, stored, dtype=np.float64).max(initial=0.0))
+        return obj
     if isinstance(inner, faiss.IndexIVFPQ):
         return IVFPQIndex._wrap(index, inner, {"nlist": int(inner.nlist), "m": int(inner.pq.M),
                                                "nbits": int(inner.pq.nbits), "nprobe": int(inner.nprobe)})
