@@ -407,8 +407,10 @@ class HNSWIndex(_FaissIndex):
             items have length R and the largest inner product is the nearest neighbour in L2
             (Bachrach et al., RecSys 2014); queries get a 0 there and scores are turned back into
             inner products. An inner-product graph can leave items unreachable (its recall stops
-            short of 1 however large efSearch gets, worst on weakly trained vectors); the L2 graph
-            reaches exact search as efSearch grows (docs/benchmarks.md, "ANN").
+            short of 1 however large efSearch gets, seen on weakly trained vectors); the L2 graph
+            reaches exact search as efSearch grows, but at equal efSearch it is often the less
+            accurate one, so "ip" is the default: measure both on your vectors
+            (benchmarks/index_recall.py --space ip l2; docs/benchmarks.md, "The graph's space").
 
     Example:
         >>> idx = HNSWIndex(M=16, efSearch=64); idx.build(np.eye(4, dtype=np.float32), np.arange(1, 5))
