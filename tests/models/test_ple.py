@@ -235,20 +235,24 @@ def test_multitask_negatives_are_redrawn_each_epoch_when_asked(synth_prepared):
     assert any(not torch.equal(x.target, z.target) for x, z in zip(a, a2))
 
 
+def _epoch_batches(prep_dir, raw, name, extra, seed=1):
+    """One training epoch's batches of a tiny `name` run (PLE / PLE + UIE) on the synthetic log."""
+    from facetrec.data.dataset import Prepared
+    from facetrec.train.multitask import build_ple, multitask_task
+
+    prep = Prepared(prep_dir)
+    cfg = _cfg(raw, prep_dir / "unused", name, ["data.rating=", "train.batch_size=512", *extra])
+    return list(multitask_task(cfg, prep, build_ple(cfg, prep, fresh=False)).batches(seed))
+
+
 def test_history_cut_keeps_a_share_of_samples_last_events(synth_prepared):
     """train.history_cut: about that share of a training epoch's samples keep only their last k <= max
     events (the same events, at the end of the full window), n_events says k, the user id stays;
     the rest are untouched; the draw follows the epoch seed."""
-    from facetrec.data.dataset import Prepared
-    from facetrec.train.multitask import build_ple, multitask_task
-
     prep_dir, raw = synth_prepared
-    prep = Prepared(prep_dir)
 
     def batches(extra, seed=1):
-        cfg = _cfg(raw, prep_dir / "unused", "ple", ["data.rating=", "train.batch_size=512", *extra])
-        task = multitask_task(cfg, prep, build_ple(cfg, prep, fresh=False))
-        return list(task.batches(seed))
+        return _epoch_batches(prep_dir, raw, "ple", extra, seed)
 
     full, cut, cut2 = batches([]), batches(["train.history_cut=0.4", "train.history_cut_max=3"]), batches(["train.history_cut=0.4", "train.history_cut_max=3"], 2)
     n_cut = n_all = 0
@@ -277,17 +281,12 @@ def test_unseen_share_shows_a_share_of_samples_as_unseen_users(synth_prepared):
     """train.unseen_share: about that share of a training epoch's samples carry user id 0 (UIE's unseen
     user: UCBE from the history's centres), everything else about them unchanged; the draw follows the
     epoch seed; PLE alone (no per-user state) is told the key does nothing for it."""
-    from facetrec.data.dataset import Prepared
-    from facetrec.train.multitask import build_ple, multitask_task
     from facetrec.train.run import ignored_train_settings
 
     prep_dir, raw = synth_prepared
-    prep = Prepared(prep_dir)
 
     def batches(extra, seed=1):
-        cfg = _cfg(raw, prep_dir / "unused", "ple-uie", ["data.rating=", "train.batch_size=512", *extra])
-        task = multitask_task(cfg, prep, build_ple(cfg, prep, fresh=False))
-        return list(task.batches(seed))
+        return _epoch_batches(prep_dir, raw, "ple-uie", extra, seed)
 
     full, hid, hid2 = batches([]), batches(["train.unseen_share=0.4"]), batches(["train.unseen_share=0.4"], 2)
     assert all((f.user > 0).all() for f in full)

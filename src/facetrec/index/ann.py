@@ -267,11 +267,16 @@ class _FaissIndex:
         if est >= LARGE_INDEX_BYTES:
             print(f"facetrec: building a {self.kind} index over {n:,} x {d} vectors, about {est / 2**20:,.0f} MiB "
                   f"({self._p})", file=sys.stderr, flush=True)
-        inner = self._make(x)
+        stored = self._stored(x)
+        inner = self._make(stored)
         index = faiss.IndexIDMap(inner)
-        index.add_with_ids(x, i)
+        index.add_with_ids(stored, i)
         self._index, self._inner, self._dim = index, inner, d
         self._apply_search_params()
+
+    def _stored(self, x: np.ndarray) -> np.ndarray:
+        """The vectors the faiss index holds for items `x` (N, D): `x` itself unless a kind transforms them."""
+        return x
 
     def _apply_search_params(self) -> None:
         pass
@@ -443,15 +448,12 @@ class HNSWIndex(_FaissIndex):
         inner.hnsw.efConstruction = self._p["efConstruction"]
         return inner
 
-    def build(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        self._p = self.resolve_params(1, 1, self._requested)
+    def _stored(self, x: np.ndarray) -> np.ndarray:
         if self._p["space"] != "l2":
-            return super().build(vectors, ids)
-        x, i = _check_build_inputs(vectors, ids)
+            return x
         sq = np.einsum("nd,nd->n", x, x, dtype=np.float64)  # (N,)
-        r2 = float(sq.max())
-        super().build(np.hstack([x, np.sqrt(r2 - sq)[:, None].astype(np.float32)]), i)
-        self._dim, self._r2 = x.shape[1], r2
+        self._r2 = float(sq.max())
+        return np.hstack([x, np.sqrt(self._r2 - sq)[:, None].astype(np.float32)])  # (N, D + 1), all of length R
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self._p["space"] != "l2":
