@@ -103,7 +103,6 @@ class TrainConfig:
     positions: str = "all"  # ranking: training samples at every position of a user's sequence (SPEC §1.3) | last (each user's last training position only, the official DIEN code's Amazon data)
     history_cut: float = 0.0  # multi-task (PLE) only, refused for other models: share of training samples per epoch whose history is cut to its last k events, k uniform in 1..history_cut_max (simulated sparse users)
     history_cut_max: int = 5  # multi-task (PLE): the longest history a cut leaves
-    unseen_share: float = 0.0  # multi-task with UIE: share of training samples per epoch whose user counts as unseen (id 0: UCBE from the history's centres, no per-user memory), as the truncated-history evaluation treats its users
     protocol: str = "user_split"  # retrieval: user_split | leave_last_out
     min_history: int = 1  # retrieval: train only on positions with at least this many events before them
     top_m: int = 200  # retrieval eval: candidates per interest

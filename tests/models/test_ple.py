@@ -276,31 +276,3 @@ def test_history_cut_keeps_a_share_of_samples_last_events(synth_prepared):
     with pytest.raises(ConfigError, match="multi-task trainer only.*'dien'"):
         model_name(_cfg(raw, prep_dir / "unused", "ple", ["model.name=dien", "train.history_cut=0.3"]))
 
-
-def test_unseen_share_shows_a_share_of_samples_as_unseen_users(synth_prepared):
-    """train.unseen_share: about that share of a training epoch's samples carry user id 0 (UIE's unseen
-    user: UCBE from the history's centres), everything else about them unchanged; the draw follows the
-    epoch seed; PLE alone (no per-user state) is told the key does nothing for it."""
-    from facetrec.train.run import ignored_train_settings
-
-    prep_dir, raw = synth_prepared
-
-    def batches(extra, seed=1):
-        return _epoch_batches(prep_dir, raw, "ple-uie", extra, seed)
-
-    full, hid, hid2 = batches([]), batches(["train.unseen_share=0.4"]), batches(["train.unseen_share=0.4"], 2)
-    assert all((f.user > 0).all() for f in full)
-    n_hidden = n_all = 0
-    for f, h in zip(full, hid):
-        for k in ("hist", "hist_mask", "target", "labels", "n_events"):
-            assert torch.equal(getattr(f, k), getattr(h, k))
-        hidden = h.user == 0
-        assert torch.equal(h.user[~hidden], f.user[~hidden])
-        n_hidden += int(hidden.sum())
-        n_all += len(f.user)
-    assert 0.35 < n_hidden / n_all < 0.45
-    assert any(not torch.equal(a.user, b.user) for a, b in zip(hid, hid2))
-    with pytest.raises(ConfigError, match="unseen_share"):
-        batches(["train.unseen_share=-0.1"])
-    assert ignored_train_settings(_cfg(raw, prep_dir / "unused", "ple", ["train.unseen_share=0.3"]), "ple") == {"unseen_share": 0.3}
-    assert ignored_train_settings(_cfg(raw, prep_dir / "unused", "ple-uie", ["train.unseen_share=0.3"]), "ple-uie") == {}

@@ -101,13 +101,11 @@ def multitask_samples(prep: Prepared, split: str, cfg: PLEConfig) -> MultiTaskSa
 
 
 def multitask_batch(prep: Prepared, s: MultiTaskSamples, idx: np.ndarray, max_len: int, truncate: int = 0,
-                    aux_neg: Optional[np.ndarray] = None, cut: Optional[np.ndarray] = None,
-                    unseen: Optional[np.ndarray] = None) -> MultiTaskBatch:
+                    aux_neg: Optional[np.ndarray] = None, cut: Optional[np.ndarray] = None) -> MultiTaskBatch:
     """A batch of samples `idx`. truncate > 0: simulated cold start — only the last `truncate` history
     events are kept and the user counts as unseen (id 0: no per-user memory, no user embedding).
     `aux_neg` (one per event) replaces prepare's auxiliary negatives. `cut` (one per sample, 0 = none;
-    training's `train.history_cut`) keeps only a sample's last `cut` events, the user id stays.
-    `unseen` (one bool per sample; training's `train.unseen_share`) shows those samples' users as id 0."""
+    training's `train.history_cut`) keeps only a sample's last `cut` events, the user id stays."""
     users = s.user[idx]
     width = min(truncate, max_len) if truncate else max_len
     aux_neg = prep.aux_neg if aux_neg is None else aux_neg
@@ -117,8 +115,6 @@ def multitask_batch(prep: Prepared, s: MultiTaskSamples, idx: np.ndarray, max_le
     if keep is not None:
         n_events = np.where(keep > 0, np.minimum(n_events, keep), n_events)
     shown = np.zeros_like(users) if truncate else users
-    if unseen is not None:
-        shown = np.where(unseen[idx], 0, shown)
     return MultiTaskBatch(
         user=torch.from_numpy(shown), hist=torch.from_numpy(hist), hist_mask=torch.from_numpy(mask),
         aux_neg=torch.from_numpy(aux), target=torch.from_numpy(s.target[idx]), label=torch.from_numpy(s.labels[idx, 0].copy()),
@@ -177,28 +173,12 @@ def history_cuts(n: int, share: float, longest: int, seed: int) -> np.ndarray:
     return np.where(chosen, rng.integers(1, longest + 1, n), 0).astype(np.int64)
 
 
-def unseen_users(n: int, share: float, seed: int) -> np.ndarray:
-    """`train.unseen_share`: per sample whether its user counts as unseen this epoch (a share of the
-    samples, drawn afresh per epoch seed, the same on every rank). UIE then gives it the UCBE vector an
-    unseen user gets (its history's centres) instead of its per-user memory, so the main model learns
-    to read both — the truncated-history evaluation shows every user as unseen.
-
-    Example:
-        >>> round(float(unseen_users(10_000, 0.3, seed=0).mean()), 2)
-        0.29
-    """
-    return np.random.default_rng([seed, 0x756E]).random(n) < share
-
-
 def multitask_task(cfg: Config, prep: Prepared, model: PLE, device: torch.device | str = "cpu",
                    rank: int = 0, world: int = 1) -> Task:
     share, longest = cfg.train.history_cut, cfg.train.history_cut_max
     if not 0 <= share <= 1 or longest < 1:
         raise ConfigError(f"train.history_cut {share} must be in [0, 1] and train.history_cut_max {longest} >= 1 "
                           f"(e.g. history_cut: 0.2, history_cut_max: 5)")
-    unseen_share = cfg.train.unseen_share
-    if not 0 <= unseen_share <= 1:
-        raise ConfigError(f"train.unseen_share {unseen_share} must be in [0, 1] (e.g. unseen_share: 0.2)")
     train = multitask_samples(prep, "train", model.cfg)
     valid = multitask_samples(prep, "valid", model.cfg)
     bs = cfg.train.batch_size
@@ -215,9 +195,8 @@ def multitask_task(cfg: Config, prep: Prepared, model: PLE, device: torch.device
             epoch = train.with_targets(redraw_negative_targets(prep, train.user, train.target, ~train.clicked, seed))
         aux = epoch_negatives(cfg, prep, seed)
         cut = history_cuts(len(epoch), share, longest, seed) if share > 0 else None
-        unseen = unseen_users(len(epoch), unseen_share, seed) if unseen_share > 0 else None
         for idx in minibatches(len(epoch), bs, True, seed, rank, world):
-            yield multitask_batch(prep, epoch, idx, prep.max_history, aux_neg=aux, cut=cut, unseen=unseen).to(device)
+            yield multitask_batch(prep, epoch, idx, prep.max_history, aux_neg=aux, cut=cut).to(device)
 
     def loss(batch: MultiTaskBatch):
         out = model.outputs(batch, with_aux=True)

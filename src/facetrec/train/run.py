@@ -43,7 +43,7 @@ FAMILY_TRAIN_KEYS: dict[str, tuple[str, ...]] = {
     "retrieval": ("n_negatives", "negatives", "in_batch_negatives", "protocol", "min_history", "top_m", "index",
                   "index_params", "max_eval_users"),
     "ranking": ("resample_negatives", "aux_negatives", "positions"),
-    "multi-task": ("resample_negatives", "aux_negatives", "history_cut", "history_cut_max", "unseen_share"),
+    "multi-task": ("resample_negatives", "aux_negatives", "history_cut", "history_cut_max"),
 }
 
 
@@ -52,7 +52,7 @@ def model_family(name: str) -> str:
 
 
 # within a family, keys only some of its models read
-MODEL_TRAIN_KEYS: dict[str, tuple[str, ...]] = {"aux_negatives": ("dien", *MULTITASK), "unseen_share": ("ple-uie",)}
+MODEL_TRAIN_KEYS: dict[str, tuple[str, ...]] = {"aux_negatives": ("dien", *MULTITASK)}
 
 
 def ignored_train_settings(cfg: Config, name: str) -> dict[str, Any]:
