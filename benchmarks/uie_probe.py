@@ -13,6 +13,7 @@ the model can meet in serving.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -44,10 +45,12 @@ def main() -> None:
 
     @torch.no_grad()
     def probs(unseen: bool = False) -> np.ndarray:
-        shown = np.full(len(test.user), unseen)
-        out = [torch.sigmoid(model(mt.multitask_batch(prep, test, np.arange(lo, min(lo + 4096, len(test.user))),
-                                                      prep.max_history, unseen=shown)).float()).numpy()
-               for lo in range(0, len(test.user), 4096)]
+        out = []
+        for lo in range(0, len(test.user), 4096):
+            batch = mt.multitask_batch(prep, test, np.arange(lo, min(lo + 4096, len(test.user))), prep.max_history)
+            if unseen:  # user id 0: no per-user memory, UCBE from the history's centres
+                batch = dataclasses.replace(batch, user=torch.zeros_like(batch.user))
+            out.append(torch.sigmoid(model(batch).float()).numpy())
         return np.concatenate(out)
 
     rows = {}

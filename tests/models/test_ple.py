@@ -275,4 +275,3 @@ def test_history_cut_keeps_a_share_of_samples_last_events(synth_prepared):
     assert model_name(_cfg(raw, prep_dir / "unused", "ple-uie", ["train.history_cut=0.3"])) == "ple-uie"
     with pytest.raises(ConfigError, match="multi-task trainer only.*'dien'"):
         model_name(_cfg(raw, prep_dir / "unused", "ple", ["model.name=dien", "train.history_cut=0.3"]))
-
