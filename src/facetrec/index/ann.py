@@ -278,6 +278,14 @@ class _FaissIndex:
         """The vectors the faiss index holds for items `x` (N, D): `x` itself unless a kind transforms them."""
         return x
 
+    def _stored_queries(self, q: np.ndarray) -> np.ndarray:
+        """The queries the faiss index is searched with, matching `_stored`: `q` itself by default."""
+        return q
+
+    def _inner_products(self, q: np.ndarray, raw: np.ndarray) -> np.ndarray:
+        """faiss's scores (Q, k) for queries `q` turned into inner products: already those by default."""
+        return raw
+
     def _apply_search_params(self) -> None:
         pass
 
@@ -285,7 +293,8 @@ class _FaissIndex:
         """Top-k by inner product: scores (Q, k) float32 descending, ids (Q, k) int64; -1 / -inf where fewer than k found."""
         self._built()
         q = _check_queries(queries, self._dim, k)
-        scores, ids = self._index.search(q, int(k))
+        raw, ids = self._index.search(self._stored_queries(q), int(k))
+        scores = self._inner_products(q, raw)
         scores[ids < 0] = -np.inf  # faiss pads with -FLT_MAX
         return scores, ids
 
@@ -455,16 +464,14 @@ class HNSWIndex(_FaissIndex):
         self._r2 = float(sq.max())
         return np.hstack([x, np.sqrt(self._r2 - sq)[:, None].astype(np.float32)])  # (N, D + 1), all of length R
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _stored_queries(self, q: np.ndarray) -> np.ndarray:
+        return q if self._p["space"] != "l2" else np.hstack([q, np.zeros((len(q), 1), np.float32)])
+
+    def _inner_products(self, q: np.ndarray, raw: np.ndarray) -> np.ndarray:
         if self._p["space"] != "l2":
-            return super().search(queries, k)
-        self._built()
-        q = _check_queries(queries, self._dim, k)
-        dist, ids = self._index.search(np.hstack([q, np.zeros((len(q), 1), np.float32)]), int(k))
-        # ‖q − x'‖² = ‖q‖² + R² − 2 q·x, so q·x = (‖q‖² + R² − ‖q − x'‖²) / 2: descending as dist ascends
-        scores = ((np.einsum("qd,qd->q", q, q, dtype=np.float64)[:, None] + self._r2 - dist) / 2).astype(np.float32)
-        scores[ids < 0] = -np.inf
-        return scores, ids
+            return raw
+        # ‖q − x'‖² = ‖q‖² + R² − 2 q·x, so q·x = (‖q‖² + R² − ‖q − x'‖²) / 2: descending as the distance ascends
+        return ((np.einsum("qd,qd->q", q, q, dtype=np.float64)[:, None] + self._r2 - raw) / 2).astype(np.float32)
 
     def _apply_search_params(self) -> None:
         self._inner.hnsw.efSearch = self._p["efSearch"]
