@@ -4,6 +4,9 @@ from the data, config errors, a tiny train that writes the metrics.json shape.""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import polars as pl
@@ -191,6 +194,15 @@ def test_tiny_ple_uie_train_writes_the_metrics_shape(rated_log, tmp_path, monkey
     train(_cfg(rated_log, warm, "ple-uie", ["train.max_steps=2", f"model.warm_start={run}"]), progress=False)
     report = json.loads((warm / "warm_start.json").read_text())
     assert report["loaded"] > 0 and report["skipped"] == []
+
+    # benchmarks/uie_probe.py reads this run (a smoke test: a call-site change in src/ broke it once unseen)
+    out = tmp_path / "probe.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "uie_probe.py"), str(run), "--out", str(out)],
+                   check=True, capture_output=True, env={**os.environ, "FACETREC_CACHE": str(tmp_path / "cache")})
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"as trained", "every user unseen (UCBE = centres)", "upe zeroed", "ucbe zeroed", "ucse zeroed"}
+    assert rows["as trained"]["engaged"] == pytest.approx(m["test"]["engaged"]["auc"], abs=1e-6)
+    assert all(r["mean_abs_dprob"] > 0 for name, r in rows.items() if name != "as trained")
 
 
 def test_tiny_ple_without_uie_and_a_wrong_task_for_the_data(synth_prepared, tmp_path, monkeypatch):

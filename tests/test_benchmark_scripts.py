@@ -1,0 +1,26 @@
+"""Every script in benchmarks/ imports and parses its arguments (`--help`): a renamed module or
+argument in src/ fails here, not months later when someone reruns a benchmark. Scripts that read
+a trained run are run for real where the tests train one (uie_probe: tests/models/test_ple.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.name not in ("envinfo.py", "timing.py"))
+
+
+def test_the_list_is_not_empty():
+    assert {"retrieval_quality.py", "ranking_quality.py", "coldstart_quality.py", "uie_probe.py"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_benchmark_script_help(script):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 0, f"benchmarks/{script} --help failed:\n{r.stderr[-2000:]}"
+    assert "usage:" in r.stdout
