@@ -256,6 +256,9 @@ def test_config_refuses_settings_that_cannot_work():
         MINDConfig(n_items=10, softmax_axis="items")
     with pytest.raises(ValueError, match="attention_p"):
         MINDConfig(n_items=10, attention_p="soft")
+    with pytest.raises(ValueError, match="normalize"):
+        MINDConfig(n_items=10, normalize="interests")
+    MINDConfig(n_items=10, normalize="items")  # interest lengths are free: no temperature needed
 
 
 def test_normalized_vectors_have_unit_length():
@@ -264,3 +267,13 @@ def test_normalized_vectors_have_unit_length():
     V, valid = m.user_interests(hist, mask, n)
     assert torch.allclose(V[valid].norm(dim=-1), torch.ones(int(valid.sum())), atol=1e-5)
     assert torch.allclose(m.item_vectors(torch.tensor([1, 2])).norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_normalize_items_leaves_interest_lengths_free():
+    m = make(normalize="items").eval()
+    hist, mask, n = batch()
+    V, valid = m.user_interests(hist, mask, n)
+    assert not torch.allclose(V[valid].norm(dim=-1), torch.ones(int(valid.sum())), atol=1e-3)
+    assert torch.allclose(m.item_vectors(torch.tensor([1, 2])).norm(dim=-1), torch.ones(2), atol=1e-5)
+    V2, _, items = m.interests_and_items(hist, mask, n, torch.tensor([1, 2]))
+    assert torch.allclose(V2, V) and torch.allclose(items.norm(dim=-1), torch.ones(2), atol=1e-5)

@@ -56,7 +56,7 @@ class MINDConfig:
     pooling: str = "routing"  # "routing" (MIND) | "mean" (YouTube DNN: masked mean of behaviours, needs K = 1)
     hidden: tuple[int, ...] = (256,)  # ReLU layers from capsule (+ profile) to interest, then a linear map back to D
     attention_p: Union[float, str] = "hard"  # label-aware attention weights softmax(p * s); "hard" = argmax; 0 = mean
-    normalize: bool = False  # L2-normalise item and interest vectors (then set a temperature < 1)
+    normalize: Union[bool, str] = False  # True: L2-normalise item and interest vectors (then set a temperature < 1); "items": item vectors only, interest lengths stay free
     temperature: float = 1.0  # training logits are divided by this; with normalize, e.g. 0.05
     n_users: int = 0  # > 0: a learned user-id profile embedding (id 0 = unknown) is concatenated to each capsule
     profile_dim: int = 16  # P: size of that profile embedding
@@ -79,7 +79,9 @@ class MINDConfig:
             raise ValueError(f"attention_p {p!r} must be a finite number >= 0 or 'hard'")
         if not self.temperature > 0:
             raise ValueError(f"temperature {self.temperature} must be > 0")
-        if self.normalize and self.temperature >= 1:
+        if not (isinstance(self.normalize, bool) or self.normalize == "items"):
+            raise ValueError(f"normalize {self.normalize!r} must be true, false or 'items'")
+        if self.normalize is True and self.temperature >= 1:
             raise ValueError("normalize=True puts every logit in [-1, 1]; without a temperature the softmax cannot "
                              "separate items (SPEC §2.5). Set temperature to e.g. 0.05.")
         if any(h < 1 for h in self.hidden):
@@ -363,7 +365,7 @@ class MIND(nn.Module):
     def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """Item vectors for the ANN index and the loss: ids (...) -> (..., D)."""
         e = self.items(ids)
-        return F.normalize(e, dim=-1) if self.cfg.normalize else e
+        return F.normalize(e, dim=-1) if self.cfg.normalize else e  # True or "items"
 
     # ------------------------------------------------------------ user side
 
@@ -451,11 +453,11 @@ class MIND(nn.Module):
             x = torch.cat([x, p[:, None, :].expand(-1, x.shape[1], -1)], dim=-1)  # (B, K, D + P)
         if x.is_cuda:  # all K slots, then zeroed: no data-dependent shape (host sync) on the GPU
             v = self.mlp(x)  # (B, K, D)
-            if self.cfg.normalize:
+            if self.cfg.normalize is True:
                 v = F.normalize(v, dim=-1)
             return v * valid[:, :, None].to(v.dtype)
         v = self.mlp(x[valid])  # (n_valid, D): on the CPU the invalid slots are not computed at all
-        if self.cfg.normalize:
+        if self.cfg.normalize is True:
             v = F.normalize(v, dim=-1)
         return capsules.new_zeros(*valid.shape, v.shape[-1]).index_put((valid,), v)  # (B, K, D)
 
