@@ -233,7 +233,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: i
         while state["epoch"] < cfg.epochs and not stop:
             epoch = state["epoch"] + 1
             model.train()
-            bar = tqdm(task.batches(cfg.seed * 1000 + epoch), total=task.n_batches, desc=f"epoch {epoch}",
+            total = task.n_batches if not cfg.max_steps else min(task.n_batches, cfg.max_steps - state["step"])
+            bar = tqdm(task.batches(cfg.seed * 1000 + epoch), total=total, desc=f"epoch {epoch}",  # max_steps: the bar ends where training does
                        disable=not progress or rank != 0, leave=False, mininterval=1.0)
             window: dict[str, float] = {}
             n_window = 0
@@ -264,6 +265,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: i
                     break
             if n_window:  # the epoch's last, shorter window (every rank has the same steps)
                 log_window()
+            bar.close()
             state["epoch"] = epoch
             if epoch % cfg.eval_every == 0 or stop or epoch == cfg.epochs:
                 with avg.swapped() if avg is not None else nullcontext():  # validate (and keep) the averaged weights
