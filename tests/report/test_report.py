@@ -127,8 +127,28 @@ def test_interest_numbers_are_consistent(report, runs):
     assert k_hist == {k: v for k, v in metrics["interests"]["k_prime_histogram"].items()}  # same users, same K'_u
     att = s["dien_attention"]["attention_on_same_category"]
     assert len(att) == 2 and all(0 <= a <= 1 for a in att)
-    assert set(s["buckets"]) == {"dien (without UIE)"}
+    assert set(s["buckets"]) == {"dien (without UIE)", "mind", "popularity"}  # retrieval: by history length
+    assert list(s["buckets"]["mind"]) == ["<=3", "4-7", "8-15", ">15"]
+    for label, b in metrics["buckets"].items():  # the report's numbers are the runs' own
+        assert s["buckets"]["mind"][label]["samples"] == b["users"]
     assert "no UIE run among the inputs" in page
+
+
+@pytest.mark.parametrize("run", ["mind-s0", "popularity-s0"])
+def test_retrieval_history_buckets_partition_the_test_users(runs, run):
+    """metrics.json "buckets" of a retrieval run: history lengths cut where K'_u changes; together the
+    buckets are the test set (users add up, the user-weighted mean of each metric is the test metric)."""
+    m = json.loads((runs[run] / "metrics.json").read_text())
+    b = m["buckets"]
+    assert list(b) == ["<=3", "4-7", "8-15", ">15"]
+    users = sum(v["users"] for v in b.values())
+    assert users == (m["test"] if run == "popularity-s0" else m["eval"])["users"] > 0  # MIND's count sits under "eval"
+    for metric in ("recall@50", "ndcg@20", "hr@50"):
+        pooled = sum(v[metric] * v["users"] for v in b.values() if v["users"]) / users
+        assert pooled == pytest.approx(m["test"][metric])
+    if run == "mind-s0":  # with K = 4, users with 4-7 events have K'_u = 2, and so on
+        k_hist = m["interests"]["k_prime_histogram"]
+        assert [b[label]["users"] for label in ("4-7", "8-15", ">15")] == [k_hist.get(k, 0) for k in ("2", "3", "4")]
 
 
 def test_missing_inputs_become_notes(runs, tmp_path):
@@ -145,9 +165,9 @@ def test_missing_inputs_become_notes(runs, tmp_path):
     (out / "notes.txt").write_text("mine")
     page = write_report([runs["popularity-s0"], training], out, ReportOptions(results_dir=tmp_path / "none")).read_text()
     summary = json.loads((out / "report.json").read_text())
-    assert summary["figures"] == ["metrics.png"]
-    assert sorted(p.name for p in out.iterdir()) == ["index.html", "metrics.png", "notes.txt", "report.json"]
-    assert set(summary["skipped"]) == {"curves", "interests", "kprime", "attention", "buckets", "ann"}
+    assert summary["figures"] == ["metrics.png", "buckets.png"]  # popularity's metrics.json has history buckets
+    assert sorted(p.name for p in out.iterdir()) == ["buckets.png", "index.html", "metrics.png", "notes.txt", "report.json"]
+    assert set(summary["skipped"]) == {"curves", "interests", "kprime", "attention", "ann"}
     assert "no metrics.json yet" in page
     assert page.count("class='note'") >= 6
 
@@ -166,7 +186,7 @@ def test_run_whose_data_is_gone_keeps_its_metrics(runs, tmp_path, monkeypatch):
     monkeypatch.setenv("FACETREC_CACHE", str(tmp_path / "empty-cache"))
     write_report([moved], tmp_path / "out", ReportOptions(results_dir=tmp_path / "none"))
     summary = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert summary["figures"] == ["curves_retrieval.png", "metrics.png"]
+    assert summary["figures"] == ["curves_retrieval.png", "metrics.png", "buckets.png"]  # buckets come from metrics.json
     assert "prepared data cannot be loaded" in " ".join(summary["skipped"]["interests"])
 
 

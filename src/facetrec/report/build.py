@@ -470,7 +470,7 @@ class Report:
         runs = [r for r in self.runs if r.buckets]
         if not runs:
             raise MissingInput("no run's metrics.json has \"buckets\" (ranking runs write them)")
-        if not any(r.uie for r in runs):
+        if any(r.task == "ranking" for r in runs) and not any(r.uie for r in runs):
             s.notes.append("no UIE run among the inputs: buckets are shown without UIE only "
                            "(pass a UIE run directory to compare)")
         fig = _figure(figsize=(11, 4), layout="constrained")
@@ -485,7 +485,8 @@ class Report:
             for g, (name, rs) in enumerate(groups):
                 stats = [mean_std([r.buckets.get(b, {}).get(metric, float("nan")) for r in rs]) for b in labels]
                 uie = rs[0].uie
-                name = f"{name} ({'with' if uie else 'without'} UIE)"
+                if task == "ranking":  # retrieval buckets are history lengths (K'_u), not a UIE comparison
+                    name = f"{name} ({'with' if uie else 'without'} UIE)"
                 ax.bar(np.arange(len(labels)) + (g - (len(groups) - 1) / 2) * width, [m for m, _, _ in stats], width,
                        yerr=[0 if math.isnan(sd) else sd for _, sd, _ in stats], capsize=3, label=name,
                        hatch="//" if uie else None)

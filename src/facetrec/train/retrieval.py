@@ -19,7 +19,7 @@ from facetrec.data.batches import RetrievalBatch
 from facetrec.data.dataset import (Prepared, RetrievalEvalSet, history_csr, minibatches, retrieval_batch,
                                    retrieval_eval_set, retrieval_train_samples)
 from facetrec.errors import ConfigError
-from facetrec.eval.metrics import topn_metrics
+from facetrec.eval.metrics import bucket_labels, bucket_of, topn_by_bucket, topn_metrics, topn_per_user
 from facetrec.index.ann import ann_recall, build_index, multi_interest_search
 from facetrec.models.losses import NegativeSampler, retrieval_loss
 from facetrec.models.mind import MIND
@@ -29,6 +29,17 @@ from facetrec.train.l2 import embed_l2_term, inverse_item_frequencies
 from facetrec.train.loop import Task
 
 KS = (20, 50)
+HISTORY_EDGES = (3, 7, 15)  # test users bucketed by history events: K'_u = 1, 2, 3, 4 under SPEC §2.2's rule with K = 4
+
+
+def history_buckets(ranked: np.ndarray, es: RetrievalEvalSet) -> dict[str, dict[str, float]]:
+    """Recall / NDCG / HR @20 and @50 per bucket of history length (`HISTORY_EDGES`), for any model's top-N.
+
+    The same users fall in the same bucket whatever the model, so MIND and its baselines compare
+    bucket by bucket: does splitting a history into several interests pay where histories are long?
+    """
+    per = topn_per_user(ranked, es.target_offsets, es.target_items, KS)
+    return topn_by_bucket(per, bucket_of(es.ends, HISTORY_EDGES), bucket_labels(HISTORY_EDGES))
 
 
 def build_mind(cfg: Config, prep: Prepared) -> MIND:
@@ -65,7 +76,8 @@ def all_item_vectors(model: MIND, n_items: int, batch_size: int = 65536, device:
 
 def evaluate_mind(model: MIND, prep: Prepared, es: RetrievalEvalSet, cfg: Config, detail: bool = False,
                   device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Recall/NDCG/HR@{20,50} through the ANN layer; with detail, also interest diagnostics."""
+    """Recall/NDCG/HR@{20,50} through the ANN layer; with detail, also interest diagnostics and the
+    metrics per history-length bucket (`history_buckets`)."""
     t0 = time.perf_counter()
     items = all_item_vectors(model, prep.n_items, device=device)
     ids = np.arange(1, prep.n_items, dtype=np.int64)
@@ -83,6 +95,7 @@ def evaluate_mind(model: MIND, prep: Prepared, es: RetrievalEvalSet, cfg: Config
         etop, _, _ = multi_interest_search(exact, interests, valid, cfg.train.top_m, n, exclude)
         out["ann_recall@50_vs_exact"] = ann_recall(top, etop)
     out["interests"] = interest_diagnostics(interests, valid, top, which, es)
+    out["buckets"] = history_buckets(top, es)
     out["eval_seconds"] = round(time.perf_counter() - t0, 2)
     return out
 
