@@ -6,7 +6,8 @@
 Every variant is a `facetrec train` run (configs/amazon-beauty/*.yaml + overrides), so the
 numbers are exactly what users get. Prints mean ± std of Recall/NDCG/HR @20/@50 per variant,
 the interest diagnostics (mean pairwise cosine of a user's interests, hit share by interest),
-and training seconds.
+training seconds, and test Recall@50 per history-length bucket (metrics.json "buckets"; a run
+trained before those existed gets them from `facetrec evaluate RUN_DIR`).
 """
 
 from __future__ import annotations
@@ -78,6 +79,23 @@ def main() -> None:
                                       for seed, r in zip(args.seeds, runs)}}
         cells = " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in row.values())
         print(f"| {name} | {cells} | {summary[name]['mean_pairwise_cosine'] or float('nan'):.3f} | {secs:.0f} |")
+    bucketed = {name: runs for name, runs in results.items() if all(r.get("buckets") for r in runs)}
+    if bucketed:
+        first = next(iter(bucketed.values()))[0]["buckets"]
+        labels = [b for b, m in first.items() if m["users"]]  # the same test users in every run; empty buckets left out
+        users = {b: first[b]["users"] for b in labels}
+        print("\n| test Recall@50 by history length | " + " | ".join(f"{b} events ({users[b]} users)" for b in labels) + " |")
+        print("|---|" + "---:|" * len(labels))
+        for name, runs in bucketed.items():
+            cells = {}
+            for b in labels:
+                vals = [r["buckets"][b]["recall@50"] for r in runs]
+                cells[b] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
+            summary[name]["buckets_recall@50"] = {b: {"mean": m, "std": sd, "users": users[b]} for b, (m, sd) in cells.items()}
+            print(f"| {name} | " + " | ".join(f"{m:.4f} ± {sd:.4f}" for m, sd in cells.values()) + " |")
+    missing = sorted(set(results) - set(bucketed))
+    if missing:
+        print(f"(no history-length buckets for {', '.join(missing)}: runs older than them; `facetrec evaluate RUN_DIR` adds them)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({**summary, "environment": package_versions()}, indent=2))

@@ -143,6 +143,7 @@ def test_retrieval_history_buckets_partition_the_test_users(runs, run):
     assert list(b) == ["<=3", "4-7", "8-15", ">15"]
     users = sum(v["users"] for v in b.values())
     assert users == (m["test"] if run == "popularity-s0" else m["eval"])["users"] > 0  # MIND's count sits under "eval"
+    assert all(set(v) == {"users"} for v in b.values() if not v["users"])  # an empty bucket: no NaN in the JSON
     for metric in ("recall@50", "ndcg@20", "hr@50"):
         pooled = sum(v[metric] * v["users"] for v in b.values() if v["users"]) / users
         assert pooled == pytest.approx(m["test"][metric])

@@ -39,7 +39,8 @@ def history_buckets(ranked: np.ndarray, es: RetrievalEvalSet) -> dict[str, dict[
     bucket by bucket: does splitting a history into several interests pay where histories are long?
     """
     per = topn_per_user(ranked, es.target_offsets, es.target_items, KS)
-    return topn_by_bucket(per, bucket_of(es.ends, HISTORY_EDGES), bucket_labels(HISTORY_EDGES))
+    out = topn_by_bucket(per, bucket_of(es.ends, HISTORY_EDGES), bucket_labels(HISTORY_EDGES))
+    return {b: {k: v for k, v in m.items() if v == v} for b, m in out.items()}  # an empty bucket: its count only (no NaN in JSON)
 
 
 def build_mind(cfg: Config, prep: Prepared) -> MIND:
