@@ -480,7 +480,8 @@ class Report:
         for ax, task in zip(axes, tasks):
             metric = MONITOR[task]
             groups = self._groups([r for r in runs if r.task == task])
-            labels = sorted({b for _, rs in groups for r in rs for b in r.buckets}, key=bucket_sort_key)
+            labels = sorted({b for _, rs in groups for r in rs for b, m in r.buckets.items()
+                             if m.get("samples", m.get("users", 1))}, key=bucket_sort_key)  # empty buckets left out
             width = 0.8 / len(groups)
             for g, (name, rs) in enumerate(groups):
                 stats = [mean_std([r.buckets.get(b, {}).get(metric, float("nan")) for r in rs]) for b in labels]
