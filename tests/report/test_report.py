@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -151,6 +152,31 @@ def test_retrieval_history_buckets_partition_the_test_users(runs, run):
     if run == "mind-s0":  # with K = 4, users with 4-7 events have K'_u = 2, and so on
         k_hist = m["interests"]["k_prime_histogram"]
         assert [b[label]["users"] for label in ("4-7", "8-15", ">15")] == [k_hist.get(k, 0) for k in ("2", "3", "4")]
+
+
+def test_benchmark_scripts_read_the_tiny_runs(runs, tmp_path):
+    """The benchmark scripts that read a trained run, run on the tiny ones (a smoke test: they import
+    from src/ and broke unseen once); each writes what its docstring says."""
+    py = [sys.executable]
+    env = {**os.environ, "FACETREC_CACHE": str(runs["mind-s0"].parent / "cache")}
+
+    def run(script: str, *args) -> str:
+        r = subprocess.run([*py, str(ROOT / "benchmarks" / script), *map(str, args)], capture_output=True, text=True,
+                           env=env, cwd=ROOT, timeout=300)
+        assert r.returncode == 0, f"benchmarks/{script} failed:\n{r.stderr[-3000:]}"
+        return r.stdout
+
+    vec = tmp_path / "vectors"
+    run("dump_vectors.py", runs["mind-s0"], vec)
+    items, queries = np.load(vec / "item_vectors.npy"), np.load(vec / "interests.npy")
+    assert items.ndim == 2 and queries.shape[1] == items.shape[1] == 16
+    out = tmp_path / "recall.json"
+    run("index_recall.py", "--vectors", vec / "item_vectors.npy", "--queries", vec / "interests.npy", "--k", 10,
+        "--n-queries", 50, "--latency-queries", 10, "--ef", 16, 64, "--nlist", 8, "--nprobe", 2, "--out", out)
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["index"] for r in rows} >= {"exact", "hnsw"} and all(0 <= r["recall@10"] <= 1 for r in rows)
+    assert "test" in run("exact_backends.py", runs["mind-s0"])
+    assert "aux loss" in run("aux_diagnostics.py", runs["dien-s0"])
 
 
 def test_missing_inputs_become_notes(runs, tmp_path):
