@@ -5,6 +5,7 @@ dump_vectors, index_recall, exact_backends, aux_diagnostics: tests/report/test_r
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -25,3 +26,24 @@ def test_benchmark_script_help(script):
                        cwd=ROOT, timeout=120)
     assert r.returncode == 0, f"benchmarks/{script} --help failed:\n{r.stderr[-2000:]}"
     assert "usage:" in r.stdout
+
+
+TINY = {  # the speed scripts on a toy workload (peers are installed only in the benchmark's environment: skipped here)
+    "mind_throughput.py": ["--items", "500", "--cates", "10", "--hist", "10", "--batch", "32", "--n-neg", "50",
+                           "--warmup", "1", "--steps", "2", "--repeats", "1", "--threads", "1"],
+    "ranking_speed.py": ["--items", "500", "--cates", "10", "--hist", "10", "--min-len", "2", "--batch", "32", "--warmup", "1",
+                         "--steps", "2", "--repeats", "1", "--threads", "1", "--only", "dien", "--serve-calls", "3",
+                         "--candidates", "10"],
+    "retrieval_speed.py": ["--items", "500", "--cates", "10", "--users", "100", "--hist", "10", "--min-len", "2",
+                           "--batch", "32", "--n-neg", "50", "--warmup", "1", "--steps", "2", "--infer-steps", "2",
+                           "--repeats", "1", "--threads", "1"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(TINY))
+def test_speed_script_runs_on_a_toy_workload(script, tmp_path):
+    out = tmp_path / "out.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *TINY[script], "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, f"benchmarks/{script} failed:\n{r.stderr[-3000:]}"
+    assert "samples/s" in r.stdout and json.loads(out.read_text())
