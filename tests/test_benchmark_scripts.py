@@ -1,7 +1,7 @@
 """Every script in benchmarks/ imports and parses its arguments (`--help`): a renamed module or
 argument in src/ fails here, not months later when someone reruns a benchmark. Scripts that read
 a trained run are run for real where the tests train one (uie_probe: tests/models/test_ple.py;
-dump_vectors, index_recall, exact_backends, aux_diagnostics: tests/report/test_report.py)."""
+dump_vectors, index_recall, exact_backends, aux_diagnostics, routing_salt_probe: tests/report/test_report.py)."""
 
 from __future__ import annotations
 

@@ -177,6 +177,11 @@ def test_benchmark_scripts_read_the_tiny_runs(runs, tmp_path):
     assert {r["index"] for r in rows} >= {"exact", "hnsw"} and all(0 <= r["recall@10"] <= 1 for r in rows)
     assert "test" in run("exact_backends.py", runs["mind-s0"])
     assert "aux loss" in run("aux_diagnostics.py", runs["dien-s0"])
+    probe = tmp_path / "salts.json"
+    run("routing_salt_probe.py", runs["mind-s0"], "--salts", 2, "--out", probe)
+    salts = json.loads(probe.read_text())["rows"]
+    metrics = json.loads((runs["mind-s0"] / "metrics.json").read_text())
+    assert salts[0]["recall@50"] == pytest.approx(metrics["test"]["recall@50"])  # salt 0 is eval mode's own
 
 
 def test_missing_inputs_become_notes(runs, tmp_path):
