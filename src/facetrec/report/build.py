@@ -463,13 +463,13 @@ class Report:
                 best, best_score = np.array([pos_row, rows[samples.label[rows] == 0][0]]), score
         return best
 
-    # ------------------------------------------------------------ 6. cold start by activity bucket
+    # ------------------------------------------------------------ 6. by activity bucket (ranking: cold start; retrieval: history length)
 
     def buckets(self) -> Section:
-        s = Section("buckets", "Cold start: metrics by user-activity bucket")
+        s = Section("buckets", "By user activity: ranking AUC (cold start) and retrieval recall by history length")
         runs = [r for r in self.runs if r.buckets]
         if not runs:
-            raise MissingInput("no run's metrics.json has \"buckets\" (ranking runs write them)")
+            raise MissingInput("no run's metrics.json has \"buckets\" (ranking and retrieval runs write them)")
         if any(r.task == "ranking" for r in runs) and not any(r.uie for r in runs):
             s.notes.append("no UIE run among the inputs: buckets are shown without UIE only "
                            "(pass a UIE run directory to compare)")
@@ -571,7 +571,7 @@ class Report:
             ("metrics", "Test metrics against baselines", self.metrics),
             ("interests", "Interests", self.interests),
             ("attention", "DIEN attention over the history", self.attention),
-            ("buckets", "Cold start: metrics by user-activity bucket", self.buckets),
+            ("buckets", "By user activity: ranking AUC (cold start) and retrieval recall by history length", self.buckets),
             ("ann", "ANN recall against latency", self.ann),
         ]
         for key, title, step in steps:

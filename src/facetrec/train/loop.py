@@ -233,7 +233,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: Path, rank: int = 0, log_every: i
         while state["epoch"] < cfg.epochs and not stop:
             epoch = state["epoch"] + 1
             model.train()
-            total = task.n_batches if not cfg.max_steps else min(task.n_batches, cfg.max_steps - state["step"])
+            total = task.n_batches if not cfg.max_steps else max(0, min(task.n_batches, cfg.max_steps - state["step"]))
             bar = tqdm(task.batches(cfg.seed * 1000 + epoch), total=total, desc=f"epoch {epoch}",  # max_steps: the bar ends where training does
                        disable=not progress or rank != 0, leave=False, mininterval=1.0)
             window: dict[str, float] = {}
