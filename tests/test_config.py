@@ -65,3 +65,15 @@ def test_train_settings_another_family_reads_are_named_in_a_warning():
     assert ignored_train_settings(dien, "dien") == {} and ignored_train_settings(dien, "din") == {"aux_negatives": "popularity"}
     with pytest.warns(UserWarning, match=r"train.aux_negatives='popularity' is read by dien, ple, ple-uie only; model 'base'"):
         warn_ignored_settings(dien, "base")
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")))
+def test_every_shipped_config_loads_and_its_model_section_is_valid(path):
+    """A typo or a removed key in a shipped config fails here, not at the start of a user's run."""
+    from facetrec.train.build import make_config
+
+    cfg = load_config(ROOT / path, ["data.root=/x/y"])
+    params = dict(cfg.model)
+    name = params.pop("name", None)
+    if name and name != "popularity":
+        make_config(name, params, n_items=100)
