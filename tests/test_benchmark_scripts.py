@@ -14,13 +14,16 @@ import pytest
 from tests.conftest import ROOT
 
 SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.name not in ("envinfo.py", "timing.py"))
+RUN_ELSEWHERE = {"uie_probe.py", "dump_vectors.py", "index_recall.py", "exact_backends.py", "aux_diagnostics.py",
+                 "routing_salt_probe.py", "mind_throughput.py", "ranking_speed.py", "retrieval_speed.py"}  # for real
 
 
 def test_the_list_is_not_empty():
     assert {"retrieval_quality.py", "ranking_quality.py", "coldstart_quality.py", "uie_probe.py"} <= set(SCRIPTS)
+    assert RUN_ELSEWHERE <= set(SCRIPTS)  # a renamed script leaves its smoke test behind: say so here
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", sorted(set(SCRIPTS) - RUN_ELSEWHERE))
 def test_benchmark_script_help(script):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True, text=True,
                        cwd=ROOT, timeout=120)
