@@ -107,6 +107,17 @@ def test_two_processes_train_dien_like_one(launch, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_train_youtubednn_with_in_batch_negatives_like_one(launch, tmp_path):
+    """In-batch negatives under two processes are the global batch's targets: each rank gathers the
+    other's target vectors (with their gradients), so the run matches one process."""
+    sets = ["model.name=youtubednn", "model.dim=16", "model.hidden=[32]", "train.batch_size=512", "train.n_negatives=64",
+            "train.epochs=1", "train.in_batch_negatives=true"]
+    launch(tmp_path / "one", sets)
+    launch(tmp_path / "two", sets, nproc=2)
+    assert_same_training(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow
 def test_two_processes_resume_after_a_rank_dies_and_train_mind_like_one(launch, tmp_path):
     """MIND: shared sampled negatives and per-sample routing logits. Rank 1 dies in epoch 2
     (step 17 + 8), the launcher stops the run; the same command again resumes from epoch 1's
@@ -183,3 +194,33 @@ def test_owned_distinct_ids_split_the_global_batch_ids_once_over_the_ranks(tmp_p
     assert set().union(*owned) == {1, 2, 3, 5, 6, 7, 8, 9, 11, 12}
     assert sum(map(len, owned)) == 10  # disjoint
     assert all(j % world == r for r in range(world) for j in owned[r])
+
+
+def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
+    from facetrec.train.distributed import all_gather_rows
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        n = 3 if rank == 0 else 2  # slices of different sizes, as in an epoch's last batch
+        vec = (torch.arange(n * 2, dtype=torch.float32).reshape(n, 2) + 10 * rank).requires_grad_()
+        ids = torch.arange(n) + 100 * rank
+        got_vec, got_ids = all_gather_rows(vec, ids)
+        (got_vec.sum() * (rank + 1)).backward()  # rank r's loss weighs every global row by r + 1
+        torch.save({"vec": got_vec.detach(), "ids": got_ids, "grad": vec.grad}, f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_all_gather_rows_joins_uneven_slices_and_returns_every_ranks_gradient(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_gather_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    want_ids = [0, 1, 2, 100, 101]
+    want_vec = torch.cat([torch.arange(6.0).reshape(3, 2), torch.arange(4.0).reshape(2, 2) + 10])
+    for rank, n in ((0, 3), (1, 2)):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got["ids"].tolist() == want_ids and torch.equal(got["vec"], want_vec)  # padding dropped, rank order
+        assert torch.equal(got["grad"], torch.full((n, 2), 3.0))  # 1 from rank 0's loss + 2 from rank 1's

@@ -10,7 +10,7 @@ Shape legend: B batch, D dim, N sampled negatives, K interests, L history length
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -101,7 +101,8 @@ def _floored_log(p: torch.Tensor) -> torch.Tensor:
 def sampled_softmax_loss(user_vec: torch.Tensor, target_vec: torch.Tensor, target_ids: torch.Tensor,
                          neg_vec: torch.Tensor, neg_ids: torch.Tensor, neg_log_q: torch.Tensor | None = None,
                          target_log_q: torch.Tensor | None = None, in_batch: bool = False,
-                         temperature: float = 1.0) -> torch.Tensor:
+                         temperature: float = 1.0, batch_vec: torch.Tensor | None = None,
+                         batch_ids: torch.Tensor | None = None, batch_log_q: torch.Tensor | None = None) -> torch.Tensor:
     """Mean softmax cross-entropy of each row's target against shared sampled negatives.
 
     Logits are dot products divided by `temperature`; the log-Q correction then subtracts log Q of
@@ -119,6 +120,9 @@ def sampled_softmax_loss(user_vec: torch.Tensor, target_vec: torch.Tensor, targe
         target_log_q: (B,) log Q of the targets, or None.
         in_batch: also use the other rows' targets as negatives (equal ids masked).
         temperature: > 0; needed (e.g. 0.05) when vectors are L2-normalised.
+        batch_vec, batch_ids, batch_log_q: the in-batch columns when they are not this batch's own
+            targets: the global batch's under several processes (`all_gather_rows`); their log Q
+            (None = no correction). Default: target_vec, target_ids, target_log_q.
 
     Example:
         >>> u = torch.tensor([[1.0, 0.0]]); items = torch.eye(2)
@@ -138,17 +142,21 @@ def sampled_softmax_loss(user_vec: torch.Tensor, target_vec: torch.Tensor, targe
     neg = neg.masked_fill(neg_ids[None, :] == target_ids[:, None], -math.inf)
     logits = [pos, neg]
     if in_batch:
-        ib = (user_vec @ target_vec.T) * inv_t  # (B, B): column k is row k's target
-        if target_log_q is not None:
-            ib = ib - target_log_q[None, :]
-        logits.append(ib.masked_fill(target_ids[None, :] == target_ids[:, None], -math.inf))  # incl. the diagonal
+        if batch_vec is None:
+            batch_vec, batch_ids, batch_log_q = target_vec, target_ids, target_log_q
+        ib = (user_vec @ batch_vec.T) * inv_t  # (B, B'): column k is the batch's k-th target
+        if batch_log_q is not None:
+            ib = ib - batch_log_q[None, :]
+        logits.append(ib.masked_fill(batch_ids[None, :] == target_ids[:, None], -math.inf))  # incl. the row's own
     all_logits = torch.cat(logits, dim=1)  # (B, 1 + N [+ B])
     return F.cross_entropy(all_logits, torch.zeros(len(all_logits), dtype=torch.long, device=all_logits.device))
 
 
 def retrieval_loss(model: MIND, batch: RetrievalBatch, sampler: NegativeSampler, n_neg: int,
                    in_batch: bool = False, log_q: bool = True,
-                   negatives: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                   negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   gather: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+                   ) -> torch.Tensor:
     """MIND / YouTube DNN training loss: interests -> label-aware attention -> sampled softmax (SPEC §2.4-2.5).
 
     Args:
@@ -163,6 +171,8 @@ def retrieval_loss(model: MIND, batch: RetrievalBatch, sampler: NegativeSampler,
         negatives: (ids (n_neg,), log Q (n_neg,)) drawn beforehand by `sampler.sample(n_neg)` and
             already on the batch's device, instead of drawing them here (a CUDA-graph-captured step
             must not copy from host memory; `train.cuda_graphs`).
+        gather: with in_batch under several processes, (target vectors, ids) -> the global batch's
+            (`facetrec.train.distributed.all_gather_rows`); None = this batch's own.
 
     Example:
         >>> from facetrec.models.mind import MINDConfig
@@ -192,5 +202,12 @@ def retrieval_loss(model: MIND, batch: RetrievalBatch, sampler: NegativeSampler,
         target_log_q = sampler.on(device).log_freq[batch.target]
     else:
         neg_log_q = None
+    batch_vec = batch_ids = batch_log_q = None
+    if in_batch and gather is not None:
+        batch_vec, batch_ids = gather(target_vec, batch.target)
+        if target_log_q is not None:
+            table = sampler.on(device).log_q if sampler.mode == "popularity" else sampler.on(device).log_freq
+            batch_log_q = table[batch_ids]
     return sampled_softmax_loss(user_vec, target_vec, batch.target, neg_vec, neg_ids, neg_log_q=neg_log_q,
-                                target_log_q=target_log_q, in_batch=in_batch, temperature=model.cfg.temperature)
+                                target_log_q=target_log_q, in_batch=in_batch, temperature=model.cfg.temperature,
+                                batch_vec=batch_vec, batch_ids=batch_ids, batch_log_q=batch_log_q)

@@ -326,6 +326,9 @@ class MIND(nn.Module):
         self.items = ItemTower(cfg.n_items, D, item_features, field_vocab)
         self.S = nn.Parameter(torch.empty(D, D))  # shared bilinear map: ĉ_i = S c_i
         nn.init.xavier_uniform_(self.S)
+        # mean pooling (YouTube DNN) never uses S: frozen, so DDP does not wait for its gradient (kept in the
+        # state dict, so checkpoints and artifacts of either model keep one layout)
+        self.S.requires_grad_(cfg.pooling != "mean")
         self.profile = nn.Embedding(cfg.n_users, cfg.profile_dim, padding_idx=0) if cfg.n_users > 0 else None
         in_dim = D + (cfg.profile_dim if self.profile is not None else 0)
         hidden = MLP(in_dim, cfg.hidden, "relu")  # H ReLU layers

@@ -13,8 +13,9 @@ checks it to float32 rounding): the sample order, the sampled negatives and MIND
 logits depend on the seed and the epoch only; each rank's mean loss is weighted by its share of
 the global batch (`global_shares`); batch norms (Dice) use global-batch statistics
 (`GlobalBatchNorm`); the mini-batch-aware L2 counts each distinct id of the global batch once
-(`owned_distinct_ids`). In-batch negatives are refused with N > 1 (they would be per-rank); dropout
-draws differ per rank. A run that dies is resumed by launching the same command again: every
+(`owned_distinct_ids`); in-batch negatives are the global batch's targets (`all_gather_rows`,
+differentiable: each rank's target vectors get the gradients of every rank's rows). Dropout draws
+differ per rank. A run that dies is resumed by launching the same command again: every
 rank loads run.dir/last.pt (the last finished epoch) and the epoch is replayed exactly.
 """
 
@@ -53,6 +54,37 @@ def launch(cfg: Config, progress: bool = True) -> dict[str, Any]:
 
 def is_distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def all_gather_rows(vec: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's rows in rank order: vectors (n, D) -> (N, D) and ids (n,) -> (N,) of the global batch.
+
+    The vectors stay in the autograd graph: the gradient a rank's loss puts on another rank's rows
+    is summed back to that rank (`torch.distributed.nn.functional.all_gather`), so in-batch
+    negatives train like one process. Slices may differ in size (an epoch's last batch): rows are
+    padded to the largest slice for the collective and the padding dropped. Identity in one process.
+
+    Example:
+        >>> v, i = all_gather_rows(torch.ones(2, 3), torch.tensor([4, 5]))  # one process
+        >>> v.shape, i.tolist()
+        (torch.Size([2, 3]), [4, 5])
+    """
+    if not is_distributed():
+        return vec, ids
+    from torch.distributed.nn.functional import all_gather
+
+    world = torch.distributed.get_world_size()
+    n = torch.tensor([len(ids)], dtype=torch.int64, device=ids.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    torch.distributed.all_gather(sizes, n)
+    sizes = [int(x) for x in sizes]
+    pad = max(sizes) - len(ids)
+    vec_p = torch.cat([vec, vec.new_zeros(pad, vec.shape[1])]) if pad else vec
+    ids_p = torch.cat([ids, ids.new_zeros(pad)]) if pad else ids
+    vecs = all_gather(vec_p)  # tuple of (max n, D), differentiable
+    id_parts = [torch.empty_like(ids_p) for _ in range(world)]
+    torch.distributed.all_gather(id_parts, ids_p)
+    return (torch.cat([v[:k] for v, k in zip(vecs, sizes)]), torch.cat([i[:k] for i, k in zip(id_parts, sizes)]))
 
 
 def global_shares(*counts: int) -> list[float]:
