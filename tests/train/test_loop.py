@@ -7,7 +7,7 @@ import torch
 
 from facetrec.config import TrainConfig
 from facetrec.errors import ConfigError
-from facetrec.train.loop import Task, fit, load_checkpoint
+from facetrec.train.loop import Task, WeightAverage, fit, load_checkpoint
 
 
 def _task(seen: list):
@@ -65,6 +65,9 @@ def test_ema_resumes_from_last_and_refuses_a_mismatch(tmp_path):
         fit(_task([]), TrainConfig(epochs=2, lr=0.05, ema=0.9), c, progress=False)
     with pytest.raises(ConfigError, match="train.ema"):
         fit(_task([]), TrainConfig(ema=1.0), tmp_path, progress=False)
+    saved = load_checkpoint(a / "last.pt")["ema"]  # an average of another model's trainable tensors
+    with pytest.raises(ConfigError, match="start a new run dir"):
+        WeightAverage(_task([]).model, 0.9).load({**saved, "average": saved["average"] + saved["average"][:1]})
 
 
 def test_a_non_finite_loss_stops_training_with_the_step_and_a_fix(tmp_path):

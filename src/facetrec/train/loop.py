@@ -175,7 +175,9 @@ class WeightAverage:
 
     def load(self, saved: dict[str, Any]) -> None:
         if len(saved["average"]) != len(self.average):
-            raise ValueError(f"checkpoint holds {len(saved['average'])} averaged tensors, the model has {len(self.average)}")
+            raise ConfigError(f"checkpoint holds {len(saved['average'])} averaged tensors, the model has {len(self.average)} "
+                             "trainable ones: it was written by another model or facetrec version (e.g. a YouTube DNN "
+                             "before its unused S was frozen); resume with that version or start a new run dir")
         with torch.no_grad():
             for a, x in zip(self.average, saved["average"]):
                 a.copy_(x)
