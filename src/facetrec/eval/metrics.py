@@ -27,6 +27,7 @@ import numpy as np
 __all__ = [
     "topn_per_user",
     "topn_metrics",
+    "topn_mean",
     "topn_by_bucket",
     "auc",
     "gauc",
@@ -162,10 +163,20 @@ def topn_metrics(ranked: np.ndarray, target_offsets: np.ndarray, target_items: n
         >>> topn_metrics(np.array([[2, 1]]), np.array([0, 1]), np.array([1]), ks=(2,))["ndcg@2"]  # 1/log2(3)
         0.6309297535714575
     """
-    per = topn_per_user(ranked, target_offsets, target_items, ks)
-    counted = per.pop("n_targets") > 0
+    return topn_mean(topn_per_user(ranked, target_offsets, target_items, ks))
+
+
+def topn_mean(per_user: dict[str, np.ndarray]) -> dict[str, float]:
+    """`topn_metrics` from `topn_per_user`'s arrays, for callers that also bucket them (one pass over the top-N).
+
+    Example:
+        >>> per = topn_per_user(np.array([[2, 1]]), np.array([0, 1]), np.array([1]), ks=(2,))
+        >>> topn_mean(per)["users"]
+        1
+    """
+    counted = per_user["n_targets"] > 0
     n = int(counted.sum())
-    out = {name: float(v[counted].mean()) if n else float("nan") for name, v in per.items()}
+    out = {name: float(v[counted].mean()) if n else float("nan") for name, v in per_user.items() if name != "n_targets"}
     out["users"] = n
     return out
 

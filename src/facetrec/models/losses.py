@@ -192,22 +192,19 @@ def retrieval_loss(model: MIND, batch: RetrievalBatch, sampler: NegativeSampler,
     V, valid, vecs = model.interests_and_items(batch.hist, batch.hist_mask, batch.n_events, ids, user)
     target_vec, neg_vec = vecs.split([B, n_neg])  # (B, D), (N, D)
     user_vec = model.label_aware(V, valid, target_vec)  # (B, D)
-    target_log_q = None
+    # log Q of the targets (and in-batch columns): the proposal's for popularity negatives; for in-batch
+    # negatives with uniform ones, the data's (the uniform sampled columns share one constant log Q)
+    table = None
     if log_q and sampler.mode == "popularity":
-        neg_log_q = neg_log_q.to(device)
-        target_log_q = sampler.on(device).log_q[batch.target]
+        table = sampler.on(device).log_q
     elif log_q and in_batch:
-        # uniform sampled columns share one constant log Q; the in-batch columns follow the data
-        neg_log_q = neg_log_q.to(device)
-        target_log_q = sampler.on(device).log_freq[batch.target]
-    else:
-        neg_log_q = None
+        table = sampler.on(device).log_freq
+    neg_log_q = None if table is None else neg_log_q.to(device)
+    target_log_q = None if table is None else table[batch.target]
     batch_vec = batch_ids = batch_log_q = None
     if in_batch and gather is not None:
         batch_vec, batch_ids = gather(target_vec, batch.target)
-        if target_log_q is not None:
-            table = sampler.on(device).log_q if sampler.mode == "popularity" else sampler.on(device).log_freq
-            batch_log_q = table[batch_ids]
+        batch_log_q = None if table is None else table[batch_ids]
     return sampled_softmax_loss(user_vec, target_vec, batch.target, neg_vec, neg_ids, neg_log_q=neg_log_q,
                                 target_log_q=target_log_q, in_batch=in_batch, temperature=model.cfg.temperature,
                                 batch_vec=batch_vec, batch_ids=batch_ids, batch_log_q=batch_log_q)

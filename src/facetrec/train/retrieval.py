@@ -18,7 +18,7 @@ from facetrec.config import Config
 from facetrec.data.batches import RetrievalBatch
 from facetrec.data.dataset import (Prepared, RetrievalEvalSet, history_csr, minibatches, retrieval_batch,
                                    retrieval_eval_set, retrieval_train_samples)
-from facetrec.eval.metrics import bucket_labels, bucket_of, topn_by_bucket, topn_metrics, topn_per_user
+from facetrec.eval.metrics import bucket_labels, bucket_of, topn_by_bucket, topn_mean, topn_per_user
 from facetrec.index.ann import ann_recall, build_index, multi_interest_search
 from facetrec.models.losses import NegativeSampler, retrieval_loss
 from facetrec.models.mind import MIND
@@ -31,13 +31,21 @@ KS = (20, 50)
 HISTORY_EDGES = (3, 7, 15)  # test users bucketed by history events: K'_u = 1, 2, 3, 4 under SPEC §2.2's rule with K = 4
 
 
-def history_buckets(ranked: np.ndarray, es: RetrievalEvalSet) -> dict[str, dict[str, float]]:
-    """Recall / NDCG / HR @20 and @50 per bucket of history length (`HISTORY_EDGES`), for any model's top-N.
+def retrieval_metrics(ranked: np.ndarray, es: RetrievalEvalSet, buckets: bool = False) -> dict[str, Any]:
+    """Recall / NDCG / HR @20 and @50 of any model's top-N (U, N) on `es`; with buckets, also under
+    "buckets" per bucket of history length (`HISTORY_EDGES`).
 
     The same users fall in the same bucket whatever the model, so MIND and its baselines compare
     bucket by bucket: does splitting a history into several interests pay where histories are long?
     """
     per = topn_per_user(ranked, es.target_offsets, es.target_items, KS)
+    out: dict[str, Any] = topn_mean(per)
+    if buckets:
+        out["buckets"] = _history_buckets(per, es)
+    return out
+
+
+def _history_buckets(per: dict[str, np.ndarray], es: RetrievalEvalSet) -> dict[str, dict[str, float]]:
     out = topn_by_bucket(per, bucket_of(es.ends, HISTORY_EDGES), bucket_labels(HISTORY_EDGES))
     return {b: {k: v for k, v in m.items() if v == v} for b, m in out.items()}  # an empty bucket: its count only (no NaN in JSON)
 
@@ -77,7 +85,7 @@ def all_item_vectors(model: MIND, n_items: int, batch_size: int = 65536, device:
 def evaluate_mind(model: MIND, prep: Prepared, es: RetrievalEvalSet, cfg: Config, detail: bool = False,
                   device: torch.device | str = "cpu") -> dict[str, Any]:
     """Recall/NDCG/HR@{20,50} through the ANN layer; with detail, also interest diagnostics and the
-    metrics per history-length bucket (`history_buckets`)."""
+    metrics per history-length bucket (`retrieval_metrics`)."""
     t0 = time.perf_counter()
     items = all_item_vectors(model, prep.n_items, device=device)
     ids = np.arange(1, prep.n_items, dtype=np.int64)
@@ -86,16 +94,14 @@ def evaluate_mind(model: MIND, prep: Prepared, es: RetrievalEvalSet, cfg: Config
     exclude = history_csr(prep, es.users, es.ends)
     n = max(KS)
     top, scores, which = multi_interest_search(index, interests, valid, cfg.train.top_m, n, exclude)
-    metrics = topn_metrics(top, es.target_offsets, es.target_items, KS)
+    out = retrieval_metrics(top, es, buckets=detail)
     if not detail:
-        return metrics
-    out: dict[str, Any] = dict(metrics)
+        return out
     if cfg.train.index != "exact":
         exact = build_index(items, ids, kind="exact")
         etop, _, _ = multi_interest_search(exact, interests, valid, cfg.train.top_m, n, exclude)
         out["ann_recall@50_vs_exact"] = ann_recall(top, etop)
     out["interests"] = interest_diagnostics(interests, valid, top, which, es)
-    out["buckets"] = history_buckets(top, es)
     out["eval_seconds"] = round(time.perf_counter() - t0, 2)
     return out
 

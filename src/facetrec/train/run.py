@@ -170,24 +170,22 @@ def train(cfg: Config, progress: bool = True, rank: int = 0, world: int = 1) -> 
 
 
 def _retrieval_metrics(cfg: Config, prep: Prepared, model, device) -> dict[str, Any]:
-    from facetrec.eval.metrics import topn_metrics
-    from facetrec.train.retrieval import KS, evaluate_mind, history_buckets, popularity_topn
+    from facetrec.train.retrieval import KS, evaluate_mind, popularity_topn, retrieval_metrics
 
     out: dict[str, Any] = {}
     for split in ("valid", "test"):
         es = retrieval_eval_set(prep, split, cfg.train.protocol)
+        test = split == "test"
         if model is None:
-            top = popularity_topn(prep, es, max(KS))
-            out[split] = topn_metrics(top, es.target_offsets, es.target_items, KS)
-            if split == "test":
-                out["buckets"] = history_buckets(top, es)
+            m = retrieval_metrics(popularity_topn(prep, es, max(KS)), es, buckets=test)
         else:
-            m = evaluate_mind(model, prep, es, cfg, detail=split == "test", device=device)
-            if split == "test":
+            m = evaluate_mind(model, prep, es, cfg, detail=test, device=device)
+        if test:
+            out["buckets"] = m.pop("buckets")
+            if model is not None:
                 out["interests"] = m.pop("interests")
-                out["buckets"] = m.pop("buckets")
                 out["eval"] = {k: m.pop(k) for k in list(m) if not k.startswith(("recall", "ndcg", "hr"))}
-            out[split] = m
+        out[split] = m
     return out
 
 
