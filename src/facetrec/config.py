@@ -97,6 +97,7 @@ class TrainConfig:
     n_negatives: int = 1000  # retrieval: sampled negatives per batch
     negatives: str = "uniform"  # retrieval: uniform | popularity
     in_batch_negatives: bool = False
+    negative_scores: str = "readout"  # retrieval: a negative's logit from the label-aware readout (SPEC §2.5) | max (its best valid interest, as serving's merge scores it)
     embed_l2: float = 0.0  # ranking / PLE / retrieval: λ of the mini-batch-aware L2 (DIN paper §4.3.1) on the item-id embeddings of a batch's histories and candidates (targets), each weighted 1 / its training frequency
     resample_negatives: bool = False  # ranking and multi-task (PLE): draw the training negatives (targets' and DIEN's auxiliary ones) afresh every epoch
     aux_negatives: str = "uniform"  # DIEN's auxiliary negatives under resample_negatives: uniform | popularity (∝ training count^0.75, word2vec's smoothing)

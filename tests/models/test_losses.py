@@ -128,3 +128,30 @@ def test_retrieval_loss_applies_popularity_log_q():
     logits = user @ m.item_vectors(torch.arange(1, N_ITEMS)).T - s.log_q[1:][None, :]
     assert torch.allclose(loss, F.cross_entropy(logits, b.target - 1), atol=1e-5)
     assert not torch.allclose(loss, retrieval_loss(m, b, s, N_ITEMS - 1, log_q=False))
+
+
+def test_max_negative_scores_with_every_item_sampled_equal_the_full_softmax_of_servings_merge():
+    # hard attention scores the target by its best interest; negative_scores="max" scores every other item
+    # the same way, so the loss is the full softmax over the scores serving's max-merge ranks by
+    m, b = _model(), _batch()
+    assert m.cfg.attention_p == "hard"
+    with torch.no_grad():  # at init the tiny embeddings give every interest about the MLP's bias: spread them
+        m.items.table.mul_(30)
+    loss = retrieval_loss(m, b, _AllItems(np.ones(N_ITEMS)), N_ITEMS - 1, negative_scores="max")
+    V, valid = m.user_interests(b.hist, b.hist_mask, b.n_events)
+    merged = torch.stack([torch.stack([V[r, k] @ m.item_vectors(torch.arange(1, N_ITEMS)).T
+                                       for k in range(V.shape[1]) if valid[r, k]]).amax(0) for r in range(len(V))])
+    assert torch.allclose(loss, F.cross_entropy(merged, b.target - 1), atol=1e-5)
+    assert valid.sum(1).max() > 1  # a user with several interests: the two scorings differ
+    assert not torch.allclose(loss, retrieval_loss(m, b, _AllItems(np.ones(N_ITEMS)), N_ITEMS - 1))
+
+
+def test_max_negative_scores_are_the_readout_for_one_interest_and_refuse_unknown_modes():
+    torch.manual_seed(0)
+    m, b = MIND(MINDConfig(n_items=N_ITEMS, dim=8, n_interests=1, hidden=(16,)), {}, {}).eval(), _batch()
+    s = _AllItems(np.ones(N_ITEMS))
+    for in_batch in (False, True):
+        assert torch.allclose(retrieval_loss(m, b, s, N_ITEMS - 1, in_batch=in_batch, negative_scores="max"),
+                              retrieval_loss(m, b, s, N_ITEMS - 1, in_batch=in_batch), atol=1e-6)
+    with pytest.raises(ValueError, match="negative_scores"):
+        retrieval_loss(m, b, s, N_ITEMS - 1, negative_scores="mean")

@@ -78,3 +78,12 @@ def test_retrieval_loss_takes_the_mini_batch_l2_on_history_and_target_ids(synth_
     with torch.no_grad():
         want = 2 * 0.5 * model.items.table[ids] / n[ids, None]
     assert torch.allclose(diff[ids], want, atol=1e-6)
+
+
+def test_an_unknown_negative_scoring_is_refused_before_training(synth_prepared):
+    from facetrec.train.retrieval import build_mind, retrieval_task
+
+    prep = Prepared(synth_prepared[0])
+    cfg = load_config(CONFIG, ["model.name=mind", "model.dim=8", "model.hidden=[8]", "train.negative_scores=mean"])
+    with pytest.raises(ConfigError, match="train.negative_scores 'mean' must be 'readout'"):
+        retrieval_task(cfg, prep, build_mind(cfg, prep))

@@ -98,11 +98,15 @@ def _floored_log(p: torch.Tensor) -> torch.Tensor:
     return torch.log(torch.where(p > 0, p, floor)).to(torch.float32)
 
 
+NEGATIVE_SCORES = ("readout", "max")  # retrieval_loss's ways to score a negative
+
+
 def sampled_softmax_loss(user_vec: torch.Tensor, target_vec: torch.Tensor, target_ids: torch.Tensor,
                          neg_vec: torch.Tensor, neg_ids: torch.Tensor, neg_log_q: torch.Tensor | None = None,
                          target_log_q: torch.Tensor | None = None, in_batch: bool = False,
                          temperature: float = 1.0, batch_vec: torch.Tensor | None = None,
-                         batch_ids: torch.Tensor | None = None, batch_log_q: torch.Tensor | None = None) -> torch.Tensor:
+                         batch_ids: torch.Tensor | None = None, batch_log_q: torch.Tensor | None = None,
+                         neg_interests: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Mean softmax cross-entropy of each row's target against shared sampled negatives.
 
     Logits are dot products divided by `temperature`; the log-Q correction then subtracts log Q of
@@ -123,6 +127,9 @@ def sampled_softmax_loss(user_vec: torch.Tensor, target_vec: torch.Tensor, targe
         batch_vec, batch_ids, batch_log_q: the in-batch columns when they are not this batch's own
             targets: the global batch's under several processes (`all_gather_rows`); their log Q
             (None = no correction). Default: target_vec, target_ids, target_log_q.
+        neg_interests: (V (B, K, D), valid (B, K)): score every negative (sampled and in-batch) by
+            its best valid interest, max_k V_k · e_n, as serving's merge does, instead of by
+            user_vec; None = by user_vec (SPEC §2.5).
 
     Example:
         >>> u = torch.tensor([[1.0, 0.0]]); items = torch.eye(2)
@@ -134,7 +141,15 @@ def sampled_softmax_loss(user_vec: torch.Tensor, target_vec: torch.Tensor, targe
         raise ValueError(f"temperature {temperature} must be > 0")
     inv_t = 1.0 / temperature
     pos = (user_vec * target_vec).sum(-1, keepdim=True) * inv_t  # (B, 1)
-    neg = (user_vec @ neg_vec.T) * inv_t  # (B, N)
+
+    def scores(cols: torch.Tensor) -> torch.Tensor:  # (M, D) -> (B, M) logits before log-Q
+        if neg_interests is None:
+            return (user_vec @ cols.T) * inv_t
+        V, valid = neg_interests
+        s = torch.matmul(V, cols.T)  # (B, K, M)
+        return s.masked_fill(~valid[:, :, None], -math.inf).amax(1) * inv_t
+
+    neg = scores(neg_vec)  # (B, N)
     if target_log_q is not None:
         pos = pos - target_log_q[:, None]
     if neg_log_q is not None:
@@ -144,7 +159,7 @@ def sampled_softmax_loss(user_vec: torch.Tensor, target_vec: torch.Tensor, targe
     if in_batch:
         if batch_vec is None:
             batch_vec, batch_ids, batch_log_q = target_vec, target_ids, target_log_q
-        ib = (user_vec @ batch_vec.T) * inv_t  # (B, B'): column k is the batch's k-th target
+        ib = scores(batch_vec)  # (B, B'): column k is the batch's k-th target
         if batch_log_q is not None:
             ib = ib - batch_log_q[None, :]
         logits.append(ib.masked_fill(batch_ids[None, :] == target_ids[:, None], -math.inf))  # incl. the row's own
@@ -155,8 +170,8 @@ def sampled_softmax_loss(user_vec: torch.Tensor, target_vec: torch.Tensor, targe
 def retrieval_loss(model: MIND, batch: RetrievalBatch, sampler: NegativeSampler, n_neg: int,
                    in_batch: bool = False, log_q: bool = True,
                    negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   gather: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
-                   ) -> torch.Tensor:
+                   gather: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                   negative_scores: str = "readout") -> torch.Tensor:
     """MIND / YouTube DNN training loss: interests -> label-aware attention -> sampled softmax (SPEC §2.4-2.5).
 
     Args:
@@ -173,6 +188,9 @@ def retrieval_loss(model: MIND, batch: RetrievalBatch, sampler: NegativeSampler,
             must not copy from host memory; `train.cuda_graphs`).
         gather: with in_batch under several processes, (target vectors, ids) -> the global batch's
             (`facetrec.train.distributed.all_gather_rows`); None = this batch's own.
+        negative_scores: "readout" scores the negatives with the label-aware readout (SPEC §2.5);
+            "max" with each user's best valid interest, the score serving's merge ranks them by
+            (a negative that any interest ranks high is pushed down; the same for K = 1).
 
     Example:
         >>> from facetrec.models.mind import MINDConfig
@@ -205,6 +223,9 @@ def retrieval_loss(model: MIND, batch: RetrievalBatch, sampler: NegativeSampler,
     if in_batch and gather is not None:
         batch_vec, batch_ids = gather(target_vec, batch.target)
         batch_log_q = None if table is None else table[batch_ids]
+    if negative_scores not in NEGATIVE_SCORES:
+        raise ValueError(f"negative_scores {negative_scores!r}: expected one of {NEGATIVE_SCORES}")
     return sampled_softmax_loss(user_vec, target_vec, batch.target, neg_vec, neg_ids, neg_log_q=neg_log_q,
                                 target_log_q=target_log_q, in_batch=in_batch, temperature=model.cfg.temperature,
-                                batch_vec=batch_vec, batch_ids=batch_ids, batch_log_q=batch_log_q)
+                                batch_vec=batch_vec, batch_ids=batch_ids, batch_log_q=batch_log_q,
+                                neg_interests=(V, valid) if negative_scores == "max" else None)

@@ -15,12 +15,13 @@ import numpy as np
 import torch
 
 from facetrec.config import Config
+from facetrec.errors import ConfigError
 from facetrec.data.batches import RetrievalBatch
 from facetrec.data.dataset import (Prepared, RetrievalEvalSet, history_csr, minibatches, retrieval_batch,
                                    retrieval_eval_set, retrieval_train_samples)
 from facetrec.eval.metrics import bucket_labels, bucket_of, topn_by_bucket, topn_mean, topn_per_user
 from facetrec.index.ann import ann_recall, build_index, multi_interest_search
-from facetrec.models.losses import NegativeSampler, retrieval_loss
+from facetrec.models.losses import NEGATIVE_SCORES, NegativeSampler, retrieval_loss
 from facetrec.models.mind import MIND
 from facetrec.train.build import build_model, make_config
 from facetrec.train.distributed import all_gather_rows, global_shares
@@ -153,6 +154,9 @@ def popularity_topn(prep: Prepared, es: RetrievalEvalSet, n: int) -> np.ndarray:
 
 def retrieval_task(cfg: Config, prep: Prepared, model: MIND, device: torch.device | str = "cpu",
                    rank: int = 0, world: int = 1) -> Task:
+    if cfg.train.negative_scores not in NEGATIVE_SCORES:
+        raise ConfigError(f"train.negative_scores {cfg.train.negative_scores!r} must be 'readout' (the label-aware "
+                          "readout, SPEC §2.5) or 'max' (each user's best valid interest, as serving merges)")
     users, pos = retrieval_train_samples(prep, cfg.train.protocol, cfg.train.min_history)
     # the same negatives on every rank at every step: drawn for the global batch, shared by its rows
     sampler = NegativeSampler(prep.item_counts, mode=cfg.train.negatives, seed=cfg.train.seed)
@@ -177,7 +181,8 @@ def retrieval_task(cfg: Config, prep: Prepared, model: MIND, device: torch.devic
         batch = step.batch
         (share,) = global_shares(len(batch.target))  # rows are independent given the shared negatives
         value = retrieval_loss(model, batch, sampler, cfg.train.n_negatives, in_batch=cfg.train.in_batch_negatives,
-                               negatives=(step.neg_ids, step.neg_log_q), gather=all_gather_rows if world > 1 else None)
+                               negatives=(step.neg_ids, step.neg_log_q), gather=all_gather_rows if world > 1 else None,
+                               negative_scores=cfg.train.negative_scores)
         value = value * share
         if inv_freq is None:
             return value, {}
