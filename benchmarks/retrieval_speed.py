@@ -103,12 +103,13 @@ def make_batches(n: int, batch: int, hist: int, min_len: int, n_items: int, n_us
 
 
 def ours_train_step(model: MIND, batches: list[RetrievalBatch], sampler: NegativeSampler, n_neg: int,
-                    ema: float = 0.0) -> Callable[[int], None]:
+                    ema: float = 0.0, in_batch: bool = False, negative_scores: str = "readout") -> Callable[[int], None]:
     opt = make_optimizer(model.parameters(), lr=1e-3)  # the optimizer `facetrec train` uses
     avg = WeightAverage(model, ema) if ema > 0 else None  # and its weight average (train.ema), as the loop runs it
 
     def step(i: int) -> None:
-        loss = retrieval_loss(model, batches[i % len(batches)], sampler, n_neg)
+        loss = retrieval_loss(model, batches[i % len(batches)], sampler, n_neg, in_batch=in_batch,
+                              negative_scores=negative_scores)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -239,6 +240,9 @@ def main() -> None:
     ap.add_argument("--peer-neg", type=int, default=3, help="torch-rechub: negatives per row (its example's neg_ratio)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ema", type=float, default=0.0, help="ours: also update a weight average per step (train.ema, e.g. 0.998)")
+    ap.add_argument("--in-batch", action="store_true", help="ours: also the batch's other targets as negatives (train.in_batch_negatives)")
+    ap.add_argument("--negative-scores", default="readout", choices=["readout", "max"],
+                    help="ours: score negatives by the label-aware readout or by the best interest (train.negative_scores)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10, help="training steps per timed window")
     ap.add_argument("--infer-steps", type=int, default=20, help="inference calls per timed window")
@@ -270,9 +274,12 @@ def main() -> None:
     torch.manual_seed(0)
     ours = MIND(cfg, {"cate": cate}, {"cate": args.cates}).train()
     sampler = NegativeSampler(np.ones(args.items), "uniform", seed=0)
-    train_runs: dict[str, Callable[[int], None]] = {"facetrec MIND": ours_train_step(ours, batches, sampler, args.n_neg, args.ema)}
+    train_runs: dict[str, Callable[[int], None]] = {"facetrec MIND": ours_train_step(ours, batches, sampler, args.n_neg, args.ema,
+                                                                          args.in_batch, args.negative_scores)}
     infer_runs: dict[str, Callable[[int], None]] = {"facetrec MIND": ours_infer(ours, batches)}
-    loss_desc = {"facetrec MIND": f"sampled softmax, {args.n_neg} shared uniform negatives, hard label-aware attention"}
+    loss_desc = {"facetrec MIND": f"sampled softmax, {args.n_neg} shared uniform negatives"
+                                  + (" + in-batch" if args.in_batch else "") + ", hard label-aware attention"
+                                  + (", negatives scored by the best interest" if args.negative_scores == "max" else "")}
 
     peer = load_peer(args)
     if peer is not None:

@@ -39,7 +39,7 @@ TINY = {  # the speed scripts on a toy workload (peers are installed only in the
                          "--candidates", "10"],
     "retrieval_speed.py": ["--items", "500", "--cates", "10", "--users", "100", "--hist", "10", "--min-len", "2",
                            "--batch", "32", "--n-neg", "50", "--warmup", "1", "--steps", "2", "--infer-steps", "2",
-                           "--repeats", "1", "--threads", "1"],
+                           "--repeats", "1", "--threads", "1", "--in-batch", "--negative-scores", "max"],
 }
 
 
