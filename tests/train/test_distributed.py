@@ -107,11 +107,13 @@ def test_two_processes_train_dien_like_one(launch, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_train_youtubednn_with_in_batch_negatives_like_one(launch, tmp_path):
+@pytest.mark.parametrize("model", ["youtubednn", "mind"])
+def test_two_processes_train_with_in_batch_negatives_like_one(launch, tmp_path, model):
     """In-batch negatives under two processes are the global batch's targets: each rank gathers the
-    other's target vectors (with their gradients), so the run matches one process."""
-    sets = ["model.name=youtubednn", "model.dim=16", "model.hidden=[32]", "train.batch_size=512", "train.n_negatives=64",
-            "train.epochs=1", "train.in_batch_negatives=true"]
+    other's target vectors (with their gradients), so the run matches one process. MIND scores them
+    (and the sampled ones) by each user's best interest (train.negative_scores=max, its config's)."""
+    sets = [f"model.name={model}", "model.dim=16", "model.hidden=[32]", "train.batch_size=512", "train.n_negatives=64",
+            "train.epochs=1", "train.in_batch_negatives=true"] + (["train.negative_scores=max"] if model == "mind" else [])
     launch(tmp_path / "one", sets)
     launch(tmp_path / "two", sets, nproc=2)
     assert_same_training(tmp_path / "one", tmp_path / "two")
