@@ -200,6 +200,8 @@ def retrieval_loss(model: MIND, batch: RetrievalBatch, sampler: NegativeSampler,
         >>> retrieval_loss(m, b, NegativeSampler(np.ones(10)), 5).shape
         torch.Size([])
     """
+    if negative_scores not in NEGATIVE_SCORES:
+        raise ValueError(f"negative_scores {negative_scores!r}: expected one of {NEGATIVE_SCORES}")
     user = batch.user if model.cfg.n_users > 0 else None
     neg_ids, neg_log_q = sampler.sample(n_neg) if negatives is None else negatives
     device = batch.target.device
@@ -223,8 +225,6 @@ def retrieval_loss(model: MIND, batch: RetrievalBatch, sampler: NegativeSampler,
     if in_batch and gather is not None:
         batch_vec, batch_ids = gather(target_vec, batch.target)
         batch_log_q = None if table is None else table[batch_ids]
-    if negative_scores not in NEGATIVE_SCORES:
-        raise ValueError(f"negative_scores {negative_scores!r}: expected one of {NEGATIVE_SCORES}")
     return sampled_softmax_loss(user_vec, target_vec, batch.target, neg_vec, neg_ids, neg_log_q=neg_log_q,
                                 target_log_q=target_log_q, in_batch=in_batch, temperature=model.cfg.temperature,
                                 batch_vec=batch_vec, batch_ids=batch_ids, batch_log_q=batch_log_q,

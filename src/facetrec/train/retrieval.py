@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from facetrec.config import Config
-from facetrec.errors import ConfigError
 from facetrec.data.batches import RetrievalBatch
 from facetrec.data.dataset import (Prepared, RetrievalEvalSet, history_csr, minibatches, retrieval_batch,
                                    retrieval_eval_set, retrieval_train_samples)
+from facetrec.errors import ConfigError
 from facetrec.eval.metrics import bucket_labels, bucket_of, topn_by_bucket, topn_mean, topn_per_user
 from facetrec.index.ann import ann_recall, build_index, multi_interest_search
 from facetrec.models.losses import NEGATIVE_SCORES, NegativeSampler, retrieval_loss
