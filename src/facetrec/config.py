@@ -98,6 +98,7 @@ class TrainConfig:
     negatives: str = "uniform"  # retrieval: uniform | popularity
     in_batch_negatives: bool = False
     negative_scores: str = "readout"  # retrieval: a negative's logit from the label-aware readout (SPEC §2.5) | max (its best valid interest, as serving's merge scores it)
+    hard_negatives: float = 0.0  # retrieval: β of hardness-weighted negatives (REMI's IHN): a negative counts ∝ exp(β · its logit) in the softmax (0 = off, SPEC)
     embed_l2: float = 0.0  # ranking / PLE / retrieval: λ of the mini-batch-aware L2 (DIN paper §4.3.1) on the item-id embeddings of a batch's histories and candidates (targets), each weighted 1 / its training frequency
     resample_negatives: bool = False  # ranking and multi-task (PLE): draw the training negatives (targets' and DIEN's auxiliary ones) afresh every epoch
     aux_negatives: str = "uniform"  # DIEN's auxiliary negatives under resample_negatives: uniform | popularity (∝ training count^0.75, word2vec's smoothing)
@@ -106,6 +107,7 @@ class TrainConfig:
     history_cut_max: int = 5  # multi-task (PLE): the longest history a cut leaves
     protocol: str = "user_split"  # retrieval: user_split | leave_last_out
     min_history: int = 1  # retrieval: train only on positions with at least this many events before them
+    target_window: int = 1  # retrieval: a sample's target is drawn each epoch from the next this-many events after its history (1 = the next event, SPEC)
     top_m: int = 200  # retrieval eval: candidates per interest
     index: str = "exact"  # exact | hnsw | ivf | ivfpq
     index_params: dict[str, Any] = field(default_factory=dict)

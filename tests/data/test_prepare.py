@@ -9,7 +9,8 @@ import polars as pl
 import pytest
 
 from facetrec.config import load_config
-from facetrec.data.dataset import Prepared, retrieval_eval_set, retrieval_train_samples
+from facetrec.data.dataset import (Prepared, retrieval_batch, retrieval_eval_set, retrieval_train_samples,
+                                   retrieval_window_targets)
 from facetrec.data.prepare import ensure_prepared, kcore, prepare
 from facetrec.errors import DataError
 from tests.conftest import ROOT, real_data
@@ -200,3 +201,28 @@ def test_retrieval_min_history_drops_the_early_positions_only(synth_prepared):
     assert p3.min() == 3
     with pytest.raises(DataError, match="min_history"):
         retrieval_train_samples(prep, "user_split", min_history=0)
+
+
+@pytest.mark.parametrize("protocol", ["user_split", "leave_last_out"])
+def test_retrieval_target_window_draws_every_later_event_and_none_past_training(synth_prepared, protocol):
+    prep = Prepared(synth_prepared[0])
+    users, pos = retrieval_train_samples(prep, protocol)
+    rng = np.random.default_rng(0)
+    assert np.array_equal(retrieval_window_targets(prep, protocol, users, pos, 1, rng), pos)
+    reserve = 2 if protocol == "leave_last_out" else 0
+    last = prep.counts[users] - 1 - reserve  # the last event training may use
+    span = np.minimum(4, last - pos + 1)
+    seen = np.zeros((len(pos), 4), dtype=bool)
+    for _ in range(60):
+        t = retrieval_window_targets(prep, protocol, users, pos, 4, rng)
+        assert (t >= pos).all() and (t <= last).all() and (t - pos < 4).all()
+        seen[np.arange(len(pos)), t - pos] = True
+    # each of the next min(4, left) events is drawn (60 draws of at most 4 choices), none beyond them
+    assert np.array_equal(seen.sum(axis=1), span)
+    # the batch's target is the drawn event, its history still ends before pos
+    t = retrieval_window_targets(prep, protocol, users[:64], pos[:64], 4, rng)
+    b = retrieval_batch(prep, users[:64], pos[:64], prep.max_history, t)
+    assert np.array_equal(b.target.numpy(), prep.items[prep.offsets[users[:64] - 1] + t])
+    assert np.array_equal(b.n_events.numpy(), pos[:64])
+    with pytest.raises(DataError, match="target_window"):
+        retrieval_window_targets(prep, protocol, users, pos, 0, rng)

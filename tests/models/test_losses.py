@@ -155,3 +155,24 @@ def test_max_negative_scores_are_the_readout_for_one_interest_and_refuse_unknown
                               retrieval_loss(m, b, s, N_ITEMS - 1, in_batch=in_batch), atol=1e-6)
     with pytest.raises(ValueError, match="negative_scores"):
         retrieval_loss(m, b, s, N_ITEMS - 1, negative_scores="mean")
+
+
+@pytest.mark.parametrize("beta", [0.5, 2.0])
+def test_hard_negatives_weight_each_negative_by_its_exp_beta_logit(beta):
+    # -log(e^s_t / (e^s_t + M Σ_n w_n e^s_n)), w_n = e^{β s_n} / Σ_m e^{β s_m}: the negatives' sum under the
+    # proposal ∝ e^{β s}; the row's target (masked as a negative) is not among the M columns
+    items, user, target = vectors()
+    all_ids = torch.arange(1, N_ITEMS)
+    loss = sampled_softmax_loss(user, items[target], target, items[all_ids], all_ids, temperature=0.5,
+                                hard_negatives=beta)
+    want = []
+    for r in range(len(user)):
+        s_t = user[r] @ items[target[r]] / 0.5
+        neg = user[r] @ items[all_ids[all_ids != target[r]]].T / 0.5
+        w = torch.softmax(beta * neg, 0)
+        want.append(-(s_t - torch.log(torch.exp(s_t) + len(neg) * (w * torch.exp(neg)).sum())))
+    assert torch.allclose(loss, torch.stack(want).mean(), atol=1e-5)
+    plain = sampled_softmax_loss(user, items[target], target, items[all_ids], all_ids, temperature=0.5)
+    assert loss > plain  # the weights lean on the high-scoring negatives: a larger estimate of the sum
+    with pytest.raises(ValueError, match="hard_negatives"):
+        sampled_softmax_loss(user, items[target], target, items[all_ids], all_ids, hard_negatives=-1.0)

@@ -80,10 +80,12 @@ def test_retrieval_loss_takes_the_mini_batch_l2_on_history_and_target_ids(synth_
     assert torch.allclose(diff[ids], want, atol=1e-6)
 
 
-def test_an_unknown_negative_scoring_is_refused_before_training(synth_prepared):
+@pytest.mark.parametrize("setting, message", [("train.negative_scores=mean", "train.negative_scores 'mean' must be 'readout'"),
+                                              ("train.target_window=0", "train.target_window 0 must be >= 1")])
+def test_a_bad_retrieval_loss_setting_is_refused_before_training(synth_prepared, setting, message):
     from facetrec.train.retrieval import build_mind, retrieval_task
 
     prep = Prepared(synth_prepared[0])
-    cfg = load_config(CONFIG, ["model.name=mind", "model.dim=8", "model.hidden=[8]", "train.negative_scores=mean"])
-    with pytest.raises(ConfigError, match="train.negative_scores 'mean' must be 'readout'"):
+    cfg = load_config(CONFIG, ["model.name=mind", "model.dim=8", "model.hidden=[8]", setting])
+    with pytest.raises(ConfigError, match=message):
         retrieval_task(cfg, prep, build_mind(cfg, prep))

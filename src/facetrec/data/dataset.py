@@ -143,6 +143,21 @@ def retrieval_train_samples(prep: Prepared, protocol: str, min_history: int = 1)
     return su, pos.astype(np.int64)
 
 
+def retrieval_window_targets(prep: Prepared, protocol: str, users: np.ndarray, pos: np.ndarray, window: int,
+                             rng: np.random.Generator) -> np.ndarray:
+    """Where each training sample's target is: uniform over the next `window` events after its history
+    (`pos`, `pos + 1`, ...), never past the events the protocol leaves to training. `window` 1 is the
+    next event, SPEC's sample; a wider one asks the history to predict a later event too, as the user
+    split's evaluation does (its targets are a user's last 20% of events, not only the next one)."""
+    if window < 1:
+        raise DataError(f"train.target_window {window} must be >= 1 (1 = the next event)")
+    if window == 1:
+        return pos
+    reserve = 2 if protocol == "leave_last_out" else 0
+    span = np.minimum(window, prep.counts[users] - reserve - pos)  # >= 1: pos is a trainable position
+    return pos + (rng.random(len(pos)) * span).astype(np.int64)
+
+
 def retrieval_eval_set(prep: Prepared, split: str, protocol: str, max_users: int = 0, seed: int = 0) -> RetrievalEvalSet:
     """Evaluation users with history cut-offs and targets for `split` in `protocol`."""
     if protocol == "user_split":
@@ -168,10 +183,12 @@ def retrieval_eval_set(prep: Prepared, split: str, protocol: str, max_users: int
     return RetrievalEvalSet(users, ends, t_off, prep.items[idx])
 
 
-def retrieval_batch(prep: Prepared, users: np.ndarray, ends: np.ndarray, max_len: int) -> RetrievalBatch:
-    """Histories ending before `ends`; target = the event at `ends` (valid only for training samples)."""
+def retrieval_batch(prep: Prepared, users: np.ndarray, ends: np.ndarray, max_len: int,
+                    targets: np.ndarray | None = None) -> RetrievalBatch:
+    """Histories ending before `ends`; target = the event at `targets` (default `ends`, the next one;
+    valid only for training samples)."""
     (hist,), mask = prep.windows(users, ends, max_len)
-    tgt_idx = np.minimum(prep.offsets[users - 1] + ends, len(prep.items) - 1)
+    tgt_idx = np.minimum(prep.offsets[users - 1] + (ends if targets is None else targets), len(prep.items) - 1)
     return RetrievalBatch(
         user=torch.from_numpy(users), hist=torch.from_numpy(hist), hist_mask=torch.from_numpy(mask),
         target=torch.from_numpy(prep.items[tgt_idx]), n_events=torch.from_numpy(ends.astype(np.int64)),

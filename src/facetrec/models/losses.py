@@ -106,7 +106,8 @@ def sampled_softmax_loss(user_vec: torch.Tensor, target_vec: torch.Tensor, targe
                          target_log_q: torch.Tensor | None = None, in_batch: bool = False,
                          temperature: float = 1.0, batch_vec: torch.Tensor | None = None,
                          batch_ids: torch.Tensor | None = None, batch_log_q: torch.Tensor | None = None,
-                         neg_interests: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                         neg_interests: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         hard_negatives: float = 0.0) -> torch.Tensor:
     """Mean softmax cross-entropy of each row's target against shared sampled negatives.
 
     Logits are dot products divided by `temperature`; the log-Q correction then subtracts log Q of
@@ -130,6 +131,11 @@ def sampled_softmax_loss(user_vec: torch.Tensor, target_vec: torch.Tensor, targe
         neg_interests: (V (B, K, D), valid (B, K)): score every negative (sampled and in-batch) by
             its best valid interest, max_k V_k · e_n, as serving's merge does, instead of by
             user_vec; None = by user_vec (SPEC §2.5).
+        hard_negatives: β >= 0 of hardness-weighted negatives (REMI's interest-aware hard negatives,
+            Xie et al. 2023): the negatives' sum in the softmax's denominator is estimated under a
+            proposal ∝ exp(β · logit) instead of the drawn one, i.e. negative n is weighted by
+            w_n = M exp(β s_n) / Σ_m exp(β s_m) over the row's M negative columns (weights not
+            differentiated). 0 = off: the plain sampled softmax.
 
     Example:
         >>> u = torch.tensor([[1.0, 0.0]]); items = torch.eye(2)
@@ -139,6 +145,8 @@ def sampled_softmax_loss(user_vec: torch.Tensor, target_vec: torch.Tensor, targe
     """
     if not temperature > 0:
         raise ValueError(f"temperature {temperature} must be > 0")
+    if not hard_negatives >= 0:
+        raise ValueError(f"hard_negatives {hard_negatives} must be >= 0 (0 = off)")
     inv_t = 1.0 / temperature
     pos = (user_vec * target_vec).sum(-1, keepdim=True) * inv_t  # (B, 1)
 
@@ -164,6 +172,13 @@ def sampled_softmax_loss(user_vec: torch.Tensor, target_vec: torch.Tensor, targe
             ib = ib - batch_log_q[None, :]
         logits.append(ib.masked_fill(batch_ids[None, :] == target_ids[:, None], -math.inf))  # incl. the row's own
     all_logits = torch.cat(logits, dim=1)  # (B, 1 + N [+ B])
+    if hard_negatives > 0:
+        negs = all_logits[:, 1:]
+        with torch.no_grad():  # log w_n = β s_n − log(Σ_m exp(β s_m) / M), masked columns keep −inf
+            h = negs * hard_negatives
+            m = torch.isfinite(negs).sum(1, keepdim=True).clamp(min=1)
+            log_w = h - (torch.logsumexp(h, dim=1, keepdim=True) - torch.log(m.to(h.dtype)))
+        all_logits = torch.cat([all_logits[:, :1], negs + log_w], dim=1)
     return F.cross_entropy(all_logits, torch.zeros(len(all_logits), dtype=torch.long, device=all_logits.device))
 
 
@@ -171,7 +186,7 @@ def retrieval_loss(model: MIND, batch: RetrievalBatch, sampler: NegativeSampler,
                    in_batch: bool = False, log_q: bool = True,
                    negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
                    gather: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-                   negative_scores: str = "readout") -> torch.Tensor:
+                   negative_scores: str = "readout", hard_negatives: float = 0.0) -> torch.Tensor:
     """MIND / YouTube DNN training loss: interests -> label-aware attention -> sampled softmax (SPEC §2.4-2.5).
 
     Args:
@@ -191,6 +206,7 @@ def retrieval_loss(model: MIND, batch: RetrievalBatch, sampler: NegativeSampler,
         negative_scores: "readout" scores the negatives with the label-aware readout (SPEC §2.5);
             "max" with each user's best valid interest, the score serving's merge ranks them by
             (a negative that any interest ranks high is pushed down; the same for K = 1).
+        hard_negatives: β of hardness-weighted negatives (`sampled_softmax_loss`); 0 = off.
 
     Example:
         >>> from facetrec.models.mind import MINDConfig
@@ -228,4 +244,5 @@ def retrieval_loss(model: MIND, batch: RetrievalBatch, sampler: NegativeSampler,
     return sampled_softmax_loss(user_vec, target_vec, batch.target, neg_vec, neg_ids, neg_log_q=neg_log_q,
                                 target_log_q=target_log_q, in_batch=in_batch, temperature=model.cfg.temperature,
                                 batch_vec=batch_vec, batch_ids=batch_ids, batch_log_q=batch_log_q,
-                                neg_interests=(V, valid) if negative_scores == "max" else None)
+                                neg_interests=(V, valid) if negative_scores == "max" else None,
+                                hard_negatives=hard_negatives)

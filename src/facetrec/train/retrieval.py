@@ -17,7 +17,7 @@ import torch
 from facetrec.config import Config
 from facetrec.data.batches import RetrievalBatch
 from facetrec.data.dataset import (Prepared, RetrievalEvalSet, history_csr, minibatches, retrieval_batch,
-                                   retrieval_eval_set, retrieval_train_samples)
+                                   retrieval_eval_set, retrieval_train_samples, retrieval_window_targets)
 from facetrec.errors import ConfigError
 from facetrec.eval.metrics import bucket_labels, bucket_of, topn_by_bucket, topn_mean, topn_per_user
 from facetrec.index.ann import ann_recall, build_index, multi_interest_search
@@ -157,6 +157,10 @@ def retrieval_task(cfg: Config, prep: Prepared, model: MIND, device: torch.devic
     if cfg.train.negative_scores not in NEGATIVE_SCORES:
         raise ConfigError(f"train.negative_scores {cfg.train.negative_scores!r} must be 'readout' (the label-aware "
                           "readout, SPEC §2.5) or 'max' (each user's best valid interest, as serving merges)")
+    if not cfg.train.hard_negatives >= 0:
+        raise ConfigError(f"train.hard_negatives {cfg.train.hard_negatives} must be >= 0 (0 = off)")
+    if cfg.train.target_window < 1:
+        raise ConfigError(f"train.target_window {cfg.train.target_window} must be >= 1 (1 = the next event, SPEC's sample)")
     users, pos = retrieval_train_samples(prep, cfg.train.protocol, cfg.train.min_history)
     # the same negatives on every rank at every step: drawn for the global batch, shared by its rows
     sampler = NegativeSampler(prep.item_counts, mode=cfg.train.negatives, seed=cfg.train.seed)
@@ -172,9 +176,12 @@ def retrieval_task(cfg: Config, prep: Prepared, model: MIND, device: torch.devic
         # random streams restart from the epoch's seed: a resumed run continues like an uninterrupted one
         sampler.generator.manual_seed(seed)
         model.reseed_routing(seed)
+        # the epoch's targets, drawn for every sample before the ranks take their shares
+        tpos = retrieval_window_targets(prep, cfg.train.protocol, users, pos, cfg.train.target_window,
+                                        np.random.default_rng([seed, 7]))
         for idx in minibatches(len(users), bs, True, seed, rank, world):
             neg_ids, neg_log_q = sampler.sample(cfg.train.n_negatives)  # drawn here: the step itself stays on the device
-            yield SampledBatch(retrieval_batch(prep, users[idx], pos[idx], prep.max_history).to(device),
+            yield SampledBatch(retrieval_batch(prep, users[idx], pos[idx], prep.max_history, tpos[idx]).to(device),
                                neg_ids.to(device), neg_log_q.to(device))
 
     def loss(step: SampledBatch):
@@ -182,7 +189,7 @@ def retrieval_task(cfg: Config, prep: Prepared, model: MIND, device: torch.devic
         (share,) = global_shares(len(batch.target))  # rows are independent given the shared negatives
         value = retrieval_loss(model, batch, sampler, cfg.train.n_negatives, in_batch=cfg.train.in_batch_negatives,
                                negatives=(step.neg_ids, step.neg_log_q), gather=all_gather_rows if world > 1 else None,
-                               negative_scores=cfg.train.negative_scores)
+                               negative_scores=cfg.train.negative_scores, hard_negatives=cfg.train.hard_negatives)
         value = value * share
         if inv_freq is None:
             return value, {}
