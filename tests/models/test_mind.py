@@ -277,3 +277,37 @@ def test_normalize_items_leaves_interest_lengths_free():
     assert torch.allclose(m.item_vectors(torch.tensor([1, 2])).norm(dim=-1), torch.ones(2), atol=1e-5)
     V2, _, items = m.interests_and_items(hist, mask, n, torch.tensor([1, 2]))
     assert torch.allclose(V2, V) and torch.allclose(items.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_interest_offsets_add_to_every_score_and_leave_unit_directions():
+    m = make(normalize=True, temperature=0.1, interest_bias=True).eval()
+    hist, mask, n = batch()
+    V, valid = m.user_interests(hist, mask, n)
+    assert V.shape[-1] == m.vector_dim == 9
+    d, c = V[..., :8], V[..., 8]
+    assert torch.allclose(d[valid].norm(dim=-1), torch.ones(int(valid.sum())), atol=1e-5)
+    items = m.item_vectors(torch.tensor([1, 2, 3]))
+    assert torch.equal(items[:, 8], torch.ones(3))
+    assert torch.allclose(items[:, :8].norm(dim=-1), torch.ones(3), atol=1e-5)
+    # an item's score from interest k: cosine + c_k
+    assert torch.allclose(V @ items.T, d @ items[:, :8].T + c[..., None], atol=1e-6)
+    V2, _, items2 = m.interests_and_items(hist, mask, n, torch.tensor([1, 2, 3]))
+    assert torch.allclose(V2, V) and torch.allclose(items2, items)
+
+
+@pytest.mark.parametrize("negative_scores", ["readout", "max"])
+def test_interest_offsets_are_a_constant_for_one_interest_and_change_the_loss_for_several(negative_scores):
+    # K = 1: the offset shifts a row's every logit alike, so the loss ignores it (YouTube DNN is unchanged);
+    # with several interests it decides which interest scores the target and the negatives
+    hist, mask, n = batch()
+    b = RetrievalBatch(torch.arange(4), hist, mask, torch.tensor([7, 8, 9, 10]), n)
+    for k, changes in ((1, False), (4, True)):
+        m = make(n_interests=k, normalize=True, temperature=0.1, interest_bias=True).eval()
+        with torch.no_grad():  # spread the interests' directions (tiny init embeddings)
+            m.items.table.mul_(30)
+        before = retrieval_loss(m, b, NegativeSampler(np.ones(N_ITEMS), seed=0), 20, negative_scores=negative_scores)
+        with torch.no_grad():  # offsets that differ by interest: the last layer's c_k row
+            m.mlp[-1].weight[-1].normal_(0, 3.0)
+            m.mlp[-1].bias[-1] = 5.0
+        after = retrieval_loss(m, b, NegativeSampler(np.ones(N_ITEMS), seed=0), 20, negative_scores=negative_scores)
+        assert torch.isclose(before, after, atol=1e-5) != changes

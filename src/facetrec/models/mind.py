@@ -60,6 +60,7 @@ class MINDConfig:
     temperature: float = 1.0  # training logits are divided by this; with normalize, e.g. 0.05
     n_users: int = 0  # > 0: a learned user-id profile embedding (id 0 = unknown) is concatenated to each capsule
     profile_dim: int = 16  # P: size of that profile embedding
+    interest_bias: bool = False  # each interest also outputs an offset c_k: score = v_k · e + c_k (vectors carry it as a D+1-th coordinate)
 
     def __post_init__(self) -> None:
         if self.n_items < 2:
@@ -332,7 +333,8 @@ class MIND(nn.Module):
         self.profile = nn.Embedding(cfg.n_users, cfg.profile_dim, padding_idx=0) if cfg.n_users > 0 else None
         in_dim = D + (cfg.profile_dim if self.profile is not None else 0)
         hidden = MLP(in_dim, cfg.hidden, "relu")  # H ReLU layers
-        self.mlp = nn.Sequential(hidden, nn.Linear(hidden.out_dim, D))
+        # with interest_bias the last layer also gives each interest its offset c_k (one more output)
+        self.mlp = nn.Sequential(hidden, nn.Linear(hidden.out_dim, D + int(cfg.interest_bias)))
         # a plain counter, not a buffer: DDP would broadcast a buffer every step, and the draws
         # only need to differ between steps (every rank counts the same steps)
         self._routing_calls = 0
@@ -365,10 +367,19 @@ class MIND(nn.Module):
 
     # ------------------------------------------------------------ item side
 
+    @property
+    def vector_dim(self) -> int:
+        """Size of the interest and item vectors the index and the loss see: D, or D + 1 with
+        `interest_bias` (interests end with their offset c_k, items with a 1, so v · e adds c_k)."""
+        return self.cfg.dim + int(self.cfg.interest_bias)
+
+    def _item_side(self, e: torch.Tensor) -> torch.Tensor:
+        e = F.normalize(e, dim=-1) if self.cfg.normalize else e  # True or "items"
+        return F.pad(e, (0, 1), value=1.0) if self.cfg.interest_bias else e
+
     def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
-        """Item vectors for the ANN index and the loss: ids (...) -> (..., D)."""
-        e = self.items(ids)
-        return F.normalize(e, dim=-1) if self.cfg.normalize else e  # True or "items"
+        """Item vectors for the ANN index and the loss: ids (...) -> (..., vector_dim)."""
+        return self._item_side(self.items(ids))
 
     # ------------------------------------------------------------ user side
 
@@ -455,14 +466,16 @@ class MIND(nn.Module):
             p = self.profile(user)  # (B, P)
             x = torch.cat([x, p[:, None, :].expand(-1, x.shape[1], -1)], dim=-1)  # (B, K, D + P)
         if x.is_cuda:  # all K slots, then zeroed: no data-dependent shape (host sync) on the GPU
-            v = self.mlp(x)  # (B, K, D)
-            if self.cfg.normalize is True:
-                v = F.normalize(v, dim=-1)
+            v = self._interest_side(self.mlp(x))  # (B, K, D)
             return v * valid[:, :, None].to(v.dtype)
-        v = self.mlp(x[valid])  # (n_valid, D): on the CPU the invalid slots are not computed at all
-        if self.cfg.normalize is True:
-            v = F.normalize(v, dim=-1)
+        v = self._interest_side(self.mlp(x[valid]))  # (n_valid, D): on the CPU the invalid slots are not computed at all
         return capsules.new_zeros(*valid.shape, v.shape[-1]).index_put((valid,), v)  # (B, K, D)
+
+    def _interest_side(self, v: torch.Tensor) -> torch.Tensor:
+        if self.cfg.interest_bias:  # normalise the direction only; the offset c_k stays last
+            d, c = v.split([self.cfg.dim, 1], dim=-1)
+            return torch.cat([F.normalize(d, dim=-1) if self.cfg.normalize is True else d, c], dim=-1)
+        return F.normalize(v, dim=-1) if self.cfg.normalize is True else v
 
     def user_interests(self, hist: torch.Tensor, hist_mask: torch.Tensor, n_events: torch.Tensor | None = None,
                        user: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -508,9 +521,7 @@ class MIND(nn.Module):
         # split, not two slices: its backward builds one gradient buffer instead of two
         c, items = self.items(ids).split([B * L, len(ids) - B * L])  # (B * L, D), (N, D)
         r = self._route(c.view(B, L, -1), hist, n_events, None)
-        if self.cfg.normalize:
-            items = F.normalize(items, dim=-1)
-        return self.interests_from_capsules(r.capsules, r.valid, user), r.valid, items
+        return self.interests_from_capsules(r.capsules, r.valid, user), r.valid, self._item_side(items)
 
     def label_aware(self, V: torch.Tensor, valid: torch.Tensor, target_vec: torch.Tensor) -> torch.Tensor:
         """Label-aware attention (SPEC §2.4, training only): one user vector per target, (B, D).

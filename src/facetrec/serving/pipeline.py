@@ -132,7 +132,7 @@ class Pipeline:
         except (ValueError, RuntimeError, OSError) as e:
             raise ArtifactError(f"{d / 'index.faiss'} cannot be read ({e}); export again") from None
         self.set_search_params(search_params or {})
-        dim = int(self.retrieval.cfg.dim)
+        dim = int(self.retrieval.vector_dim)
         if self.index.ntotal != self.n_items - 1 or self.index.dim != dim:
             raise ArtifactError(f"{d / 'index.faiss'} holds {self.index.ntotal} vectors of dim {self.index.dim}, but the "
                                 f"catalogue has {self.n_items - 1} items and the retrieval model dim {dim}: "

@@ -102,7 +102,8 @@ def evaluate_mind(model: MIND, prep: Prepared, es: RetrievalEvalSet, cfg: Config
         exact = build_index(items, ids, kind="exact")
         etop, _, _ = multi_interest_search(exact, interests, valid, cfg.train.top_m, n, exclude)
         out["ann_recall@50_vs_exact"] = ann_recall(top, etop)
-    out["interests"] = interest_diagnostics(interests, valid, top, which, es)
+    # the cosine of the interests' directions: an offset coordinate (model.interest_bias) is not a direction
+    out["interests"] = interest_diagnostics(interests[..., :model.cfg.dim], valid, top, which, es)
     out["eval_seconds"] = round(time.perf_counter() - t0, 2)
     return out
 
