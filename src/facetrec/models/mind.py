@@ -454,7 +454,8 @@ class MIND(nn.Module):
 
     def interests_from_capsules(self, capsules: torch.Tensor, valid: torch.Tensor,
                                 user: torch.Tensor | None = None) -> torch.Tensor:
-        """Capsules (B, K, D) (+ user profile) -> interest vectors V (B, K, D), SPEC §2.3; invalid interests are 0.
+        """Capsules (B, K, D) (+ user profile) -> interest vectors V (B, K, vector_dim), SPEC §2.3; invalid
+        interests are 0 (with `interest_bias` each ends with its offset c_k).
 
         The MLP runs on the valid capsules only (users with few events have K'_u < K).
         """
@@ -466,10 +467,10 @@ class MIND(nn.Module):
             p = self.profile(user)  # (B, P)
             x = torch.cat([x, p[:, None, :].expand(-1, x.shape[1], -1)], dim=-1)  # (B, K, D + P)
         if x.is_cuda:  # all K slots, then zeroed: no data-dependent shape (host sync) on the GPU
-            v = self._interest_side(self.mlp(x))  # (B, K, D)
+            v = self._interest_side(self.mlp(x))  # (B, K, vector_dim)
             return v * valid[:, :, None].to(v.dtype)
-        v = self._interest_side(self.mlp(x[valid]))  # (n_valid, D): on the CPU the invalid slots are not computed at all
-        return capsules.new_zeros(*valid.shape, v.shape[-1]).index_put((valid,), v)  # (B, K, D)
+        v = self._interest_side(self.mlp(x[valid]))  # (n_valid, vector_dim): on the CPU invalid slots are not computed
+        return capsules.new_zeros(*valid.shape, v.shape[-1]).index_put((valid,), v)  # (B, K, vector_dim)
 
     def _interest_side(self, v: torch.Tensor) -> torch.Tensor:
         if self.cfg.interest_bias:  # normalise the direction only; the offset c_k stays last
@@ -479,7 +480,7 @@ class MIND(nn.Module):
 
     def user_interests(self, hist: torch.Tensor, hist_mask: torch.Tensor, n_events: torch.Tensor | None = None,
                        user: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Interest vectors V (B, K, D) and their validity (B, K) bool (j < K'_u) for training and serving.
+        """Interest vectors V (B, K, vector_dim) and their validity (B, K) bool (j < K'_u) for training and serving.
 
         Example:
             >>> m = MIND(MINDConfig(n_items=10, dim=8), {}, {})
