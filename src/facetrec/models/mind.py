@@ -473,10 +473,12 @@ class MIND(nn.Module):
         return capsules.new_zeros(*valid.shape, v.shape[-1]).index_put((valid,), v)  # (B, K, vector_dim)
 
     def _interest_side(self, v: torch.Tensor) -> torch.Tensor:
-        if self.cfg.interest_bias:  # normalise the direction only; the offset c_k stays last
-            d, c = v.split([self.cfg.dim, 1], dim=-1)
-            return torch.cat([F.normalize(d, dim=-1) if self.cfg.normalize is True else d, c], dim=-1)
-        return F.normalize(v, dim=-1) if self.cfg.normalize is True else v
+        if self.cfg.normalize is not True:
+            return v
+        if not self.cfg.interest_bias:
+            return F.normalize(v, dim=-1)
+        d, c = v.split([self.cfg.dim, 1], dim=-1)  # normalise the direction only; the offset c_k stays last
+        return torch.cat([F.normalize(d, dim=-1), c], dim=-1)
 
     def user_interests(self, hist: torch.Tensor, hist_mask: torch.Tensor, n_events: torch.Tensor | None = None,
                        user: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
