@@ -311,3 +311,36 @@ def test_interest_offsets_are_a_constant_for_one_interest_and_change_the_loss_fo
             m.mlp[-1].bias[-1] = 5.0
         after = retrieval_loss(m, b, NegativeSampler(np.ones(N_ITEMS), seed=0), 20, negative_scores=negative_scores)
         assert torch.isclose(before, after, atol=1e-5) != changes
+
+
+@pytest.mark.parametrize("axis", ["interests", "behaviours"])
+def test_global_interest_is_the_whole_history_capsule_valid_from_two_interests(axis):
+    m = make(global_interest=True, softmax_axis=axis).train()
+    hist, mask, n = batch()  # K'_u = 4, 1, 1, 2
+    r = m.route(hist, mask, n, salt=3)
+    assert r.capsules.shape == (4, 5, 8) and r.weights.shape == (4, 6, 5)
+    assert r.valid[:, 4].tolist() == [True, False, False, True]  # a duplicate of the one capsule when K'_u = 1
+    # the extra slot is what one interest routes (interests axis: every behaviour's whole vote) or
+    # the plain mean of the behaviours (behaviours axis), through the same S and squash
+    c = m.items(hist * mask) @ m.S.T  # (B, L, D)
+    z = (c * mask[:, :, None]).sum(1)
+    if axis == "behaviours":
+        z = z / mask.sum(1, keepdim=True)
+    want = squash(z) * r.valid[:, 4, None]
+    assert torch.allclose(r.capsules[:, 4], want, atol=1e-6)
+    if axis == "interests":  # = the capsule of a K = 1 MIND with the same weights
+        one = make(n_interests=1).train()
+        one.load_state_dict(m.state_dict())
+        assert torch.allclose(one.route(hist, mask, n, salt=3).capsules[[0, 3], 0], r.capsules[[0, 3], 4], atol=1e-6)
+    # the routed slots are the same as without the option
+    plain = make(softmax_axis=axis).train()
+    plain.load_state_dict(m.state_dict())
+    assert torch.allclose(plain.route(hist, mask, n, salt=3).capsules, r.capsules[:, :4], atol=1e-6)
+    # it trains: the loss reaches S through it, and it never surfaces for a K'_u = 1 user
+    b = RetrievalBatch(user=torch.arange(4), hist=hist, hist_mask=mask, target=torch.tensor([1, 2, 3, 4]), n_events=n)
+    retrieval_loss(m, b, NegativeSampler(np.ones(N_ITEMS), seed=0), 10).backward()
+    assert m.S.grad.abs().sum() > 0
+    V, valid = m.eval().user_interests(hist, mask, n)
+    assert V.shape == (4, 5, 8) and (V[~valid] == 0).all()
+    with pytest.raises(ValueError, match="global_interest"):
+        MINDConfig(n_items=10, n_interests=1, global_interest=True)

@@ -61,6 +61,7 @@ class MINDConfig:
     n_users: int = 0  # > 0: a learned user-id profile embedding (id 0 = unknown) is concatenated to each capsule
     profile_dim: int = 16  # P: size of that profile embedding
     interest_bias: bool = False  # each interest also outputs an offset c_k: score = v_k · e + c_k (vectors carry it as a D+1-th coordinate)
+    global_interest: bool = False  # one more interest slot K+1: the whole-history capsule squash(Σ_i S c_i) (K = 1's), valid when K'_u >= 2
 
     def __post_init__(self) -> None:
         if self.n_items < 2:
@@ -87,6 +88,9 @@ class MINDConfig:
                              "separate items (SPEC §2.5). Set temperature to e.g. 0.05.")
         if any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden sizes {self.hidden} must all be >= 1")
+        if self.global_interest and (self.pooling == "mean" or self.n_interests < 2):
+            raise ValueError("global_interest adds the whole-history capsule to K >= 2 routed interests; "
+                             "it needs pooling: routing and n_interests >= 2")
         if self.n_users < 0 or (self.n_users > 0 and self.profile_dim < 1):
             raise ValueError("n_users must be >= 0 and profile_dim >= 1 when n_users > 0")
 
@@ -395,7 +399,8 @@ class MIND(nn.Module):
                 0 in eval mode (so serving is deterministic per history).
 
         Returns:
-            Routing(capsules (B, K, D), weights (B, L, K), lengths (B, K), valid (B, K)).
+            Routing(capsules (B, K, D), weights (B, L, K), lengths (B, K), valid (B, K)); K + 1 slots with
+            `global_interest` (the last is the whole-history capsule).
 
         Example:
             >>> m = MIND(MINDConfig(n_items=10, dim=8), {}, {}).eval()
@@ -447,9 +452,17 @@ class MIND(nn.Module):
             w = torch.softmax(b + bias, dim=axis)  # (B, K, L)
             if cfg.softmax_axis == "behaviours":
                 w = w * valid[:, :, None]
-        u = squash(torch.bmm(w, c) @ S.T)  # (B, K, D): the last iteration carries the gradient
+        z = torch.bmm(w, c)  # (B, K, D): the last iteration carries the gradient
+        if cfg.global_interest:
+            # the whole-history capsule: every behaviour's full vote (the sum of the K capsules' z under the
+            # interests axis, = K = 1's capsule; the mean under the behaviours axis); a duplicate when K'_u = 1
+            g = m if cfg.softmax_axis == "interests" else m / m.sum(-1, keepdim=True).clamp(min=1.0)  # (B, 1, L)
+            w = torch.cat([w, g], dim=1)  # (B, K + 1, L)
+            z = torch.cat([z, torch.bmm(g, c)], dim=1)
+            valid = torch.cat([valid, (k_user >= 2)[:, None]], dim=1)  # (B, K + 1)
+        u = squash(z @ S.T)  # (B, K(+1), D)
         u = u * valid[:, :, None].to(u.dtype)
-        weights = (w * m).transpose(1, 2)  # (B, L, K)
+        weights = (w * m).transpose(1, 2)  # (B, L, K(+1))
         return Routing(u, weights, u.detach().norm(dim=-1), valid)
 
     def interests_from_capsules(self, capsules: torch.Tensor, valid: torch.Tensor,
