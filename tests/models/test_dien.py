@@ -385,3 +385,32 @@ def test_config_and_feature_errors_say_what_to_do():
         DIEN(DIENConfig(n_items=N_ITEMS, category_field="brand"), *features())
     m = DIEN(DIENConfig(n_items=N_ITEMS, embed_dim=4, mlp=(8,)), {}, {})  # no item fields: id embedding only
     assert m.items.dim == 4 and m(batch()).shape == (6,)
+
+
+def test_aux_shared_negatives_is_a_sampled_softmax_the_same_in_every_layout():
+    """`aux_shared_negatives` n: each pair (t, t + 1) scores its next item against the auxiliary negatives of the
+    second event of the batch's first n rows, its own next item among them left out; written out pair by pair."""
+    b = batch()  # lengths 3, 7, 1, 7, 5, 2: row 2 has no second event
+    b.aux_neg[3, 1] = b.hist[1, 1]  # a shared negative that is row 1's next item at t = 0
+    for n in (4, 6, 100):
+        m = make(aux_shared_negatives=n, hidden=6)  # H != D: through aux_proj
+        h = m.interest_states(b)
+        shared = [int(b.aux_neg[i, 1]) for i in range(min(n, len(b.hist))) if b.hist_mask[i, 1]]
+        assert len(shared) == (3 if n == 4 else 5) and (int(b.hist[1, 1]) in shared) == (n > 3)
+        terms = []
+        for i in range(len(b.hist)):
+            for t in range(b.hist.shape[1] - 1):
+                if b.hist_mask[i, t + 1]:
+                    q = m.aux_proj(h[i, t])
+                    pos = int(b.hist[i, t + 1])
+                    logits = [q @ m.items(torch.tensor(pos))] + [q @ m.items(torch.tensor(j)) for j in shared if j != pos]
+                    terms.append(torch.log_softmax(torch.stack(logits), 0)[0])
+        want = -torch.stack(terms).mean()
+        assert torch.allclose(m.auxiliary_loss(b, h), want, atol=1e-6)
+        assert torch.allclose(m.logits_and_aux(b)[1], want, atol=1e-6)  # packed (the CPU's training pass)
+        m.layout = "padded"  # the GPU's
+        assert torch.allclose(m.logits_and_aux(padded(b, 9))[1], want, atol=1e-6)
+    total, parts = ranking_loss(m, b)
+    assert parts["aux"] > 0 and torch.allclose(total, parts["bce"] + parts["aux"])
+    with pytest.raises(ValueError, match="aux_shared_negatives"):
+        DIENConfig(n_items=10, aux_shared_negatives=4, aux_net="mlp")

@@ -3,6 +3,7 @@ from the data, config errors, a tiny train that writes the metrics.json shape.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -96,6 +97,20 @@ def test_item_fields_reach_the_ple_item_vectors(sequence):
     total, _ = multitask_loss(m, batch())
     total.backward()
     assert m.items.extra[0].weight.grad.abs().sum() > 0
+
+
+def test_user_id_embedding_joins_the_input_and_unknown_users_get_the_zero_row():
+    m = make(user_dim=3, n_users=5)
+    b = batch()  # users 1..6; ids 5 and 6 are past n_users = 5: unknown
+    out = m(b)
+    swapped = dataclasses.replace(b, user=torch.tensor([2, 1, 3, 4, 0, 6]))
+    other = m(swapped)  # rows 0 and 1 swap known users; row 4 goes from unknown (5) to unknown (0)
+    assert not torch.allclose(out[0], other[0]) and not torch.allclose(out[1], other[1])
+    assert torch.allclose(out[2:], other[2:], atol=1e-6)
+    multitask_loss(m, b)[0].backward()
+    assert m.user.weight.grad[1:5].abs().sum() > 0 and (m.user.weight.grad[0] == 0).all()
+    with pytest.raises(ValueError, match="user_dim"):
+        PLEConfig(n_items=10, tasks=("click",), user_dim=-1)
 
 
 def test_masked_task_samples_do_not_count():

@@ -36,6 +36,7 @@ formulas written out with masks; the tests hold the fast paths to them.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Tuple
@@ -78,6 +79,7 @@ class DIENConfig:
     attention_pooling: bool = False  # DIEN: Σ a_t e_b and its product with e_a also enter the output MLP (DIN's view, with DIEN's attention)
     aux_net: str = "dot"  # DIEN auxiliary scorer: "dot" = h_t · e (paper, SPEC §3.2) | "mlp" = MLP (100, 50, sigmoid) over [h_t, e] (official TF code)
     aux_detach: bool = False  # DIEN: the auxiliary loss trains the extractor GRU only (e_b[t+1], ê_b[t+1] enter it as constants)
+    aux_shared_negatives: int = 0  # DIEN: 0 = SPEC §3.2's binary loss (one negative per step); n > 0 = a sampled softmax of h_t · e_b[t+1] against the auxiliary negatives of the batch's first n rows' second event (shared by every step)
     pooled_product: bool = True  # DIEN: Σ e_b ∘ e_a also enters the output MLP (as in the official TF code; the base model's feature)
 
     def __post_init__(self) -> None:
@@ -95,6 +97,9 @@ class DIENConfig:
             raise ValueError(f"activation {self.activation!r} must be 'dice' or 'prelu'")
         if not self.aux_alpha >= 0:
             raise ValueError(f"aux_alpha {self.aux_alpha} must be >= 0 (0 switches the auxiliary loss off)")
+        if self.aux_shared_negatives < 0 or (self.aux_shared_negatives > 0 and self.aux_net != "dot"):
+            raise ValueError(f"aux_shared_negatives {self.aux_shared_negatives} must be >= 0, and > 0 needs aux_net: dot "
+                             "(the softmax scores every state against every shared negative by inner product)")
 
 
 # ---------------------------------------------------------------- item and user embeddings
@@ -659,18 +664,39 @@ class DIEN(nn.Module):
             parts += [att_pooled, att_pooled * e_a]
         return self.head(torch.cat(parts + users, dim=-1)).squeeze(-1)
 
-    def _aux(self, h: torch.Tensor, src: torch.Tensor, e_next: torch.Tensor, e_neg: torch.Tensor) -> torch.Tensor:
+    def _aux(self, h: torch.Tensor, src: torch.Tensor, e_next: torch.Tensor, e_neg: torch.Tensor,
+             next_ids: torch.Tensor, neg_ids: torch.Tensor, p: Packed) -> torch.Tensor:
         """SPEC §3.2 on packed tensors: h (P, H); for the M positions t (src) whose t + 1 is real, the
-        embeddings of the behaviour at t + 1 and of its negative (M, D) -> scalar."""
+        embeddings of the behaviour at t + 1 and of its negative (M, D) and their ids (M,) -> scalar."""
         if len(src) == 0:
             return h.sum() * 0.0
-        return -self._aux_terms(h.index_select(0, src), e_next, e_neg).mean()
+        shared = None
+        if self.cfg.aux_shared_negatives > 0:
+            k = p.batch_sizes[1]  # the pairs (0, 1) come first (time order): one per row with two events
+            shared = (e_neg[:k], neg_ids[:k], p.order[:k] < self.cfg.aux_shared_negatives)
+        return -self._aux_terms(h.index_select(0, src), e_next, e_neg, next_ids, shared).mean()
 
-    def _aux_terms(self, hs: torch.Tensor, e_next: torch.Tensor, e_neg: torch.Tensor) -> torch.Tensor:
-        """log σ(h_t · e_b[t+1]) + log(1 − σ(h_t · ê_b[t+1])) per pair: states (M, H), embeddings (M, D) -> (M,)."""
+    def _aux_terms(self, hs: torch.Tensor, e_next: torch.Tensor, e_neg: torch.Tensor, next_ids: torch.Tensor,
+                   shared: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """Per pair log-likelihood: states (M, H), embeddings (M, D), next ids (M,) -> (M,).
+
+        SPEC §3.2: log σ(h_t · e_b[t+1]) + log(1 − σ(h_t · ê_b[t+1])). With `aux_shared_negatives` n > 0, the
+        log softmax of h_t · e_b[t+1] among it and h_t · ê_j for the shared negatives (embeddings (S, D), ids
+        (S,), in use (S,) bool): the auxiliary negatives of the second event of the batch's first n rows, each
+        a uniform draw, so a sample of the catalogue every step scores against; one that is the pair's own
+        next item is left out. The caller picks them so that every layout shares the same set.
+        """
         if self.cfg.aux_detach:
             e_next, e_neg = e_next.detach(), e_neg.detach()
-        return F.logsigmoid(self._aux_logit(hs, e_next)) + F.logsigmoid(-self._aux_logit(hs, e_neg))  # log(1 - σ(x)) = log σ(-x)
+        if shared is None:
+            return F.logsigmoid(self._aux_logit(hs, e_next)) + F.logsigmoid(-self._aux_logit(hs, e_neg))  # log(1 - σ(x)) = log σ(-x)
+        e_s, ids_s, use = shared
+        if self.cfg.aux_detach:
+            e_s = e_s.detach()
+        q = hs if self.aux_proj is None else self.aux_proj(hs)  # (M, D)
+        pos = (q * e_next).sum(-1, keepdim=True)  # (M, 1)
+        neg = (q @ e_s.t()).masked_fill(~use[None, :] | (ids_s[None, :] == next_ids[:, None]), -math.inf)  # (M, S)
+        return pos.squeeze(-1) - torch.logsumexp(torch.cat([pos, neg], dim=1), dim=1)
 
     def _aux_logit(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """Auxiliary score of states h (M, H) against next-behaviour embeddings e (M, D) -> (M,)."""
@@ -698,7 +724,7 @@ class DIEN(nn.Module):
         ids = [p.take(batch.hist), batch.target[p.order]]  # (P,), (B,)
         if with_aux:
             src, dst = p.pairs()  # (M,), (M,): t and t + 1 of the same row, both real
-            ids.append(p.take(batch.aux_neg).index_select(0, dst))  # (M,)
+            ids += [p.take(batch.aux_neg).index_select(0, dst)]  # (M,)
         # one lookup for all ids: one dense embedding gradient per step instead of three
         parts = self.items(torch.cat(ids)).split([len(x) for x in ids])
         e, e_a = parts[0], parts[1]  # (P, D), (B, D)
@@ -709,7 +735,8 @@ class DIEN(nn.Module):
         att_pooled = e.new_zeros(e_a.shape).index_add(0, p.row, att[:, None] * e) if self.cfg.attention_pooling else None
         logits = self._logits(h_T, e_a, pooled, _user_vectors(self.user, batch.user[p.order]), att_pooled)
         logits = torch.empty_like(logits).index_copy(0, p.order, logits)  # back to batch order
-        aux = self._aux(h, src, e.index_select(0, dst), parts[2]) if with_aux else logits.new_zeros(())
+        aux = self._aux(h, src, e.index_select(0, dst), parts[2], ids[0].index_select(0, dst), ids[2], p) if with_aux \
+            else logits.new_zeros(())
         return logits, aux
 
     def _run_padded(self, batch: RankingBatch, with_aux: bool) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -747,7 +774,11 @@ class DIEN(nn.Module):
         if not with_aux:
             return logits, logits.new_zeros(())
         w = m[B:]  # ((T-1) B,): step t + 1 is real (and so t, histories being left-aligned)
-        terms = self._aux_terms(h[:len(w)], e[B:], parts[2])  # ((T-1) B,)
+        shared = None
+        if self.cfg.aux_shared_negatives > 0 and T > 1:  # step 1 of each row (the first B pairs), batch order
+            use = (w[:B] > 0) & (torch.arange(B, device=w.device) < self.cfg.aux_shared_negatives)
+            shared = (parts[2][:B], ids[2][:B], use)
+        terms = self._aux_terms(h[:len(w)], e[B:], parts[2], ids[0][B:], shared)  # ((T-1) B,)
         return logits, -(terms * w).sum() / w.sum().clamp(min=1.0)
 
     # ---------------------------------------------------------------- public
@@ -777,9 +808,13 @@ class DIEN(nn.Module):
         if not nxt.any():
             return h.sum() * 0.0
         ht = h[:, :-1][nxt]  # (M, H)
-        pos = self._aux_logit(ht, self.items(batch.hist[:, 1:][nxt]))  # (M,)
-        neg = self._aux_logit(ht, self.items(batch.aux_neg[:, 1:][nxt]))  # (M,)
-        return -(F.logsigmoid(pos) + F.logsigmoid(-neg)).mean()
+        nid, neg_id = batch.hist[:, 1:][nxt], batch.aux_neg[:, 1:][nxt]  # (M,), (M,)
+        shared = None
+        if self.cfg.aux_shared_negatives > 0:
+            ids_s = batch.aux_neg[:, 1]  # (B,): each row's second event's negative
+            use = mask[:, 1] & (torch.arange(len(ids_s), device=ids_s.device) < self.cfg.aux_shared_negatives)
+            shared = (self.items(ids_s), ids_s, use)
+        return -self._aux_terms(ht, self.items(nid), self.items(neg_id), nid, shared).mean()
 
     def attention(self, batch: RankingBatch) -> torch.Tensor:
         """Attention a_t of each row's candidate over its history (B, T): sums to 1 over real steps, 0 on padding.

@@ -72,7 +72,8 @@ class PLEConfig:
     like_threshold: float = 4.0  # liked: rating >= this
     purchase_behaviors: tuple[str, ...] = ("buy",)  # purchase: these behaviours count (e.g. add cart, fav)
     task_scope: dict[str, str] = field(default_factory=dict)  # task -> "all" (default: negatives are 0) | "positives" (only engaged samples count)
-    n_users: int = 0  # users with a UCBE memory (filled from the data by training)
+    n_users: int = 0  # users with a UCBE memory or a user-id embedding (filled from the data by training)
+    user_dim: int = 0  # > 0: a learned user-id embedding this wide joins the input (id 0 and ids >= n_users: unknown, zeros)
     use_uie: bool = False  # model "ple-uie" sets it
     uie: Any = field(default_factory=dict)  # UIEConfig or its fields as a mapping
     warm_start: str = ""  # training: a run dir or .pt whose matching weights initialise this model
@@ -101,6 +102,8 @@ class PLEConfig:
             raise ValueError("levels and task_experts must be >= 1, shared_experts >= 0, expert non-empty")
         if self.activation not in ("relu", "prelu", "dice"):
             raise ValueError(f"activation {self.activation!r} must be relu, prelu or dice")
+        if self.user_dim < 0:
+            raise ValueError(f"user_dim {self.user_dim} must be >= 0 (0 = no user-id embedding)")
         uie = self.uie
         if isinstance(uie, dict):
             hints = {f.name for f in dataclasses.fields(UIEConfig)}
@@ -216,7 +219,13 @@ class PLE(nn.Module):
             D = self.items.dim
             seq_in, seq_dim = 3 * D + 1, D  # UCSE reads the mean history embedding
         self.uie = UIE(cfg.uie, D, seq_dim, cfg.n_users) if cfg.use_uie else None
-        in_dim = seq_in + (self.uie.out_dim if self.uie is not None else 0)
+        self.user: Optional[nn.Embedding] = None
+        if cfg.user_dim > 0:
+            self.user = nn.Embedding(max(cfg.n_users, 1), cfg.user_dim, padding_idx=0)
+            nn.init.normal_(self.user.weight, std=0.05)  # small, as the item rows: a rarely seen user stays near unknown
+            with torch.no_grad():
+                self.user.weight[0].zero_()
+        in_dim = seq_in + (self.uie.out_dim if self.uie is not None else 0) + cfg.user_dim
         K = len(cfg.tasks)
         levels, d = [], in_dim
         for level in range(cfg.levels):
@@ -261,7 +270,8 @@ class PLE(nn.Module):
         act = torch.log1p(_n_events(batch)[p.order].to(e.dtype))[:, None]
         x = torch.cat([h_T, e_a, h_T * e_q, mean, act], -1)
         unsort = lambda t: torch.empty_like(t).index_copy(0, p.order, t)  # back to batch order
-        aux = d._aux(h, src, e.index_select(0, dst), parts[2]) if with_aux else x.new_zeros(())
+        aux = d._aux(h, src, e.index_select(0, dst), parts[2], ids[0].index_select(0, dst), ids[2], p) if with_aux \
+            else x.new_zeros(())
         hist_e = d.items(batch.hist * mask)  # (B, T, D) for UIE (stop-gradient there)
         return unsort(x), hist_e, unsort(last), unsort(e_a), aux
 
@@ -277,6 +287,10 @@ class PLE(nn.Module):
         if self.uie is not None:
             uie_out = self.uie(batch.user, hist_e, batch.hist_mask.bool(), _n_events(batch), seq, e_a)
             x = torch.cat([x, uie_out.vectors], -1)  # (B, F)
+        if self.user is not None:
+            u = batch.user.long()
+            u = torch.where((u > 0) & (u < self.user.num_embeddings), u, torch.zeros_like(u))
+            x = torch.cat([x, self.user(u)], -1)  # unknown users: the zero row
         task_in, shared_in, all_gates = [x] * len(self.cfg.tasks), x, []
         for level in self.levels:
             task_in, shared_out, gates = level(task_in, shared_in)

@@ -127,7 +127,7 @@ def model_config(cfg: Config, prep: Prepared) -> tuple[str, PLEConfig]:
     name = params.pop("name")
     if not params.get("tasks"):
         params["tasks"] = list(default_tasks(prep))
-    if name == "ple-uie":
+    if name == "ple-uie" or params.get("user_dim"):  # UCBE's memories, the user-id embedding
         params.setdefault("n_users", prep.n_users)
     return name, make_config(name, params, prep.n_items)
 
