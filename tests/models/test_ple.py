@@ -262,6 +262,28 @@ def test_multitask_negatives_are_redrawn_each_epoch_when_asked(synth_prepared):
     assert any(not torch.equal(x.target, z.target) for x, z in zip(a, a2))
 
 
+def test_user_id_rows_take_the_mini_batch_l2(synth_prepared):
+    """train.embed_l2 with model.user_dim: the batch's user rows join the L2, each weighted by
+    1 / that user's training samples (the item rows' form), so the logged term grows by exactly that."""
+    from facetrec.data.dataset import Prepared
+    from facetrec.train.l2 import embed_l2_term, inverse_item_frequencies
+    from facetrec.train.multitask import build_ple, multitask_samples, multitask_task
+
+    prep_dir, raw = synth_prepared
+    prep = Prepared(prep_dir)
+    cfg = _cfg(raw, prep_dir / "unused", "ple", ["data.rating=", "train.embed_l2=0.5", "model.user_dim=4"])
+    model = build_ple(cfg, prep, fresh=False)
+    task = multitask_task(cfg, prep, model)
+    b = next(iter(task.batches(1)))
+    _, logs = task.loss(b)
+    train = multitask_samples(prep, "train", model.cfg)
+    items = embed_l2_term(model.items.id_emb.weight.detach(), b, 0.5, inverse_item_frequencies(prep, train.user, train.pos, train.target, "cpu"))
+    n_u = np.bincount(train.user, minlength=prep.n_users)
+    u = torch.unique(b.user[b.user > 0])
+    users = 0.5 * (model.user.weight.detach()[u].pow(2).sum(1) / torch.from_numpy(n_u[u.numpy()]).float()).sum()
+    assert float(users) > 0 and logs["l2"] == pytest.approx(float(items + users), rel=1e-5)
+
+
 def _epoch_batches(prep_dir, raw, name, extra, seed=1):
     """One training epoch's batches of a tiny `name` run (PLE / PLE + UIE) on the synthetic log."""
     from facetrec.data.dataset import Prepared

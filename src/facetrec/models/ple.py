@@ -73,7 +73,7 @@ class PLEConfig:
     purchase_behaviors: tuple[str, ...] = ("buy",)  # purchase: these behaviours count (e.g. add cart, fav)
     task_scope: dict[str, str] = field(default_factory=dict)  # task -> "all" (default: negatives are 0) | "positives" (only engaged samples count)
     n_users: int = 0  # users with a UCBE memory or a user-id embedding (filled from the data by training)
-    user_dim: int = 0  # > 0: a learned user-id embedding this wide joins the input (id 0 and ids >= n_users: unknown, zeros)
+    user_dim: int = 0  # > 0: a learned user-id embedding this wide joins the input (id 0 and ids >= n_users: unknown, zeros); train.embed_l2 covers its rows
     use_uie: bool = False  # model "ple-uie" sets it
     uie: Any = field(default_factory=dict)  # UIEConfig or its fields as a mapping
     warm_start: str = ""  # training: a run dir or .pt whose matching weights initialise this model

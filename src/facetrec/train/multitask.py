@@ -30,7 +30,7 @@ from facetrec.io import write_json
 from facetrec.models.ple import PLE, PLEConfig, multitask_loss
 from facetrec.train.build import build_model, make_config
 from facetrec.train.loop import Task, load_checkpoint
-from facetrec.train.l2 import embed_l2_term, inverse_item_frequencies
+from facetrec.train.l2 import embed_l2_term, inverse_item_frequencies, mini_batch_l2
 from facetrec.train.ranking import epoch_negatives, redraw_negative_targets
 
 BUCKET_EDGES = (5, 20)
@@ -184,6 +184,11 @@ def multitask_task(cfg: Config, prep: Prepared, model: PLE, device: torch.device
     bs = cfg.train.batch_size
     l2 = cfg.train.embed_l2
     inv_freq = inverse_item_frequencies(prep, train.user, train.pos, train.target, device) if l2 > 0 else None
+    # the user-id rows (model.user_dim) take the same L2, each weighted 1 / its training samples
+    user_inv_freq = None
+    if l2 > 0 and model.user is not None:
+        n_u = np.bincount(train.user, minlength=model.user.num_embeddings)[:model.user.num_embeddings]
+        user_inv_freq = torch.from_numpy(1.0 / np.maximum(n_u, 1.0)).float().to(device)
 
     def batches(seed: int):
         if model.uie is not None:
@@ -204,6 +209,9 @@ def multitask_task(cfg: Config, prep: Prepared, model: PLE, device: torch.device
         logs = {k: float(v) for k, v in parts.items()}
         if inv_freq is not None:
             reg = embed_l2_term(model.items.id_emb.weight, batch, l2, inv_freq)
+            if user_inv_freq is not None:
+                u = batch.user.long()
+                reg = reg + l2 * mini_batch_l2(model.user.weight, u[u < len(user_inv_freq)], user_inv_freq)
             total = total + reg
             logs["l2"] = float(reg.detach())
         if model.uie is not None and model.training:
