@@ -146,6 +146,33 @@ def test_max_negative_scores_with_every_item_sampled_equal_the_full_softmax_of_s
     assert not torch.allclose(loss, retrieval_loss(m, b, _AllItems(np.ones(N_ITEMS)), N_ITEMS - 1))
 
 
+def test_best_interest_scores_grouped_by_count_equal_the_masked_dense_max_with_gradients():
+    """The CPU path (users grouped by their number of valid interests, only valid slots multiplied)
+    against the GPU path (all K slots, invalid ones masked): same values, same gradients, for
+    prefix masks (K'_u), a non-prefix one (model.global_interest's extra slot) and a row with none."""
+    from facetrec.models.losses import BestInterestScores
+
+    g = torch.Generator().manual_seed(0)
+    valid = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 1],
+                          [0, 0, 0, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    V0, C0 = torch.randn(6, 5, 8, generator=g), torch.randn(7, 8, generator=g)
+    w = torch.randn(6, 7, generator=g)
+    out, grads = [], []
+    for grouped in (True, False):
+        V, C = V0.clone().requires_grad_(), C0.clone().requires_grad_()
+        best = BestInterestScores(V, valid, grouped=grouped)
+        assert (best.groups is not None) == grouped
+        s = best(C)
+        s[valid.any(1)].mul(w[valid.any(1)]).sum().backward()
+        out.append(s.detach()), grads.append((V.grad, C.grad))
+    assert torch.equal(torch.isinf(out[0]), torch.isinf(out[1])) and torch.isinf(out[0][4]).all()
+    assert torch.allclose(out[0], out[1], atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    assert (grads[0][0][~valid] == 0).all() and (grads[0][0][valid].abs().sum(-1) > 0).any()
+    expect = torch.stack([(V0[r][valid[r]] @ C0.T).amax(0) for r in (0, 1, 2, 3, 5)])
+    assert torch.allclose(out[0][valid.any(1)], expect, atol=1e-6)
+
+
 def test_max_negative_scores_are_the_readout_for_one_interest_and_refuse_unknown_modes():
     torch.manual_seed(0)
     m, b = MIND(MINDConfig(n_items=N_ITEMS, dim=8, n_interests=1, hidden=(16,)), {}, {}).eval(), _batch()

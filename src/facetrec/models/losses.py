@@ -101,6 +101,46 @@ def _floored_log(p: torch.Tensor) -> torch.Tensor:
 NEGATIVE_SCORES = ("readout", "max")  # retrieval_loss's ways to score a negative
 
 
+class BestInterestScores:
+    """max_k V_k · c over each user's valid interests, for a set of columns c (`negative_scores: max`).
+
+    On the CPU the users are grouped by their number of valid interests and each group's valid
+    slots alone are multiplied: with K = 4 and most users at K'_u = 2 (amazon-beauty) that halves
+    the product, the largest one of MIND's step under this loss. On a GPU (where the product is
+    cheap and a CUDA-graph-captured step cannot branch on data) all K slots are multiplied and the
+    invalid ones masked. Both give the same values and gradients (`tests/models/test_losses.py`).
+
+    Args:
+        V: (B, K, D) interests.
+        valid: (B, K) bool, at least one True per row (a row without any scores -inf).
+    """
+
+    cpu_grouped = True  # the default on the CPU (benchmarks/max_scores_speed.py times both ways)
+
+    def __init__(self, V: torch.Tensor, valid: torch.Tensor, grouped: bool | None = None) -> None:
+        self.V, self.valid = V, valid
+        self.groups: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (rows, their valid slots) per count
+        if grouped if grouped is not None else (self.cpu_grouped and not V.is_cuda):
+            n = valid.sum(1)
+            slots = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # (B, K): valid slots first
+            self.groups = []
+            for c in torch.unique(n).tolist():
+                if c > 0:
+                    rows = (n == c).nonzero().squeeze(1)
+                    self.groups.append((rows, slots[rows, :c]))
+            self.rows = torch.cat([r for r, _ in self.groups]) if self.groups else n.new_zeros(0)
+
+    def __call__(self, cols: torch.Tensor) -> torch.Tensor:
+        """(M, D) -> (B, M)."""
+        if self.groups is None:
+            s = torch.matmul(self.V, cols.T)  # (B, K, M)
+            return s.masked_fill(~self.valid[:, :, None], -math.inf).amax(1)
+        parts = [torch.matmul(self.V[rows[:, None], slots], cols.T).amax(1)  # (n_c, c, D) -> (n_c, M)
+                 for rows, slots in self.groups]
+        out = self.V.new_full((len(self.V), len(cols)), -math.inf)
+        return out.index_copy(0, self.rows, torch.cat(parts)) if parts else out
+
+
 def sampled_softmax_loss(user_vec: torch.Tensor, target_vec: torch.Tensor, target_ids: torch.Tensor,
                          neg_vec: torch.Tensor, neg_ids: torch.Tensor, neg_log_q: torch.Tensor | None = None,
                          target_log_q: torch.Tensor | None = None, in_batch: bool = False,
@@ -150,12 +190,12 @@ def sampled_softmax_loss(user_vec: torch.Tensor, target_vec: torch.Tensor, targe
     inv_t = 1.0 / temperature
     pos = (user_vec * target_vec).sum(-1, keepdim=True) * inv_t  # (B, 1)
 
+    best = None if neg_interests is None else BestInterestScores(*neg_interests)
+
     def scores(cols: torch.Tensor) -> torch.Tensor:  # (M, D) -> (B, M) logits before log-Q
-        if neg_interests is None:
+        if best is None:
             return (user_vec @ cols.T) * inv_t
-        V, valid = neg_interests
-        s = torch.matmul(V, cols.T)  # (B, K, M)
-        return s.masked_fill(~valid[:, :, None], -math.inf).amax(1) * inv_t
+        return best(cols) * inv_t
 
     neg = scores(neg_vec)  # (B, N)
     if target_log_q is not None:
