@@ -113,6 +113,7 @@ class BestInterestScores:
     Args:
         V: (B, K, D) interests.
         valid: (B, K) bool, at least one True per row (a row without any scores -inf).
+        grouped: True / False force either way; None = grouped on the CPU (`cpu_grouped`), dense on a GPU.
     """
 
     cpu_grouped = True  # the default on the CPU (benchmarks/max_scores_speed.py times both ways)
@@ -120,7 +121,9 @@ class BestInterestScores:
     def __init__(self, V: torch.Tensor, valid: torch.Tensor, grouped: bool | None = None) -> None:
         self.V, self.valid = V, valid
         self.groups: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (rows, their valid slots) per count
-        if grouped if grouped is not None else (self.cpu_grouped and not V.is_cuda):
+        if grouped is None:
+            grouped = self.cpu_grouped and not V.is_cuda
+        if grouped:
             n = valid.sum(1)
             slots = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # (B, K): valid slots first
             self.groups = []
