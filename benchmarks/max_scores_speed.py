@@ -9,8 +9,9 @@ user's best valid interest, computed two ways, timed side by side in one process
 - dense (the GPU path): all K slots multiplied, the invalid ones masked to -inf, max over K.
 
 The step is the config's own: the batches `facetrec train` draws (`retrieval_task`: the config's
-protocol, batch size, shared negatives, in-batch negatives, the L2 term), forward, loss, backward
-and an Adam step, on one model whose weights both ways update in turn. Windows alternate grouped /
+protocol, batch size, shared negatives, in-batch negatives, the L2 term), forward, loss, backward,
+the training loop's Adam (`make_optimizer`: the fused kernel) and weight-average update, on one
+model whose weights both ways update in turn. Windows alternate grouped /
 dense (`timing.interleaved`), so both see the machine's load alike; best and median samples/s and
 the median ratio of adjacent windows are printed, with the batches' K'_u histogram (the saving is
 the share of invalid slots).
@@ -36,6 +37,7 @@ from facetrec.data.dataset import Prepared
 from facetrec.data.prepare import ensure_prepared
 from facetrec.models.losses import BestInterestScores
 from facetrec.models.mind import interest_count
+from facetrec.train.loop import WeightAverage, make_optimizer
 from facetrec.train.retrieval import build_mind, retrieval_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +71,8 @@ def main() -> None:
     print(f"{args.config}: B={cfg.train.batch_size} N={cfg.train.n_negatives} in-batch={cfg.train.in_batch_negatives} "
           f"K={model.cfg.n_interests} D={model.cfg.dim}, {args.threads} threads; K'_u over {len(batches)} batches: {hist} "
           f"(valid slots {share:.0%} of K)")
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    opt = make_optimizer(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)  # as `facetrec train`
+    avg = WeightAverage(model, cfg.train.ema) if cfg.train.ema > 0 else None
 
     def way(grouped: bool):
         def run(i: int) -> None:
@@ -78,6 +81,8 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if avg is not None:
+                avg.update()
         return run
 
     rates = interleaved({"grouped": way(True), "dense": way(False)}, cfg.train.batch_size, args.warmup, args.steps, args.repeats)
