@@ -172,7 +172,7 @@ def test_rank_slices_make_up_the_single_process_batches(n, world):
 
 
 def _owned_ids_worker(rank: int, world: int, init: str, out: str) -> None:
-    from facetrec.train.distributed import owned_distinct_ids
+    from facetrec.train.distributed import close_process_group, owned_distinct_ids
 
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
@@ -180,7 +180,7 @@ def _owned_ids_worker(rank: int, world: int, init: str, out: str) -> None:
         owned, scale = owned_distinct_ids(slices[rank])
         torch.save({"owned": owned, "scale": scale}, f"{out}.{rank}")
     finally:
-        torch.distributed.destroy_process_group()
+        close_process_group()
 
 
 def test_owned_distinct_ids_split_the_global_batch_ids_once_over_the_ranks(tmp_path):
@@ -199,7 +199,7 @@ def test_owned_distinct_ids_split_the_global_batch_ids_once_over_the_ranks(tmp_p
 
 
 def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
-    from facetrec.train.distributed import all_gather_rows
+    from facetrec.train.distributed import all_gather_rows, close_process_group
 
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -209,8 +209,9 @@ def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
         got_vec, got_ids = all_gather_rows(vec, ids)
         (got_vec.sum() * (rank + 1)).backward()  # rank r's loss weighs every global row by r + 1
         torch.save({"vec": got_vec.detach(), "ids": got_ids, "grad": vec.grad}, f"{out}/rank{rank}.pt")
+        del got_vec  # its graph holds the group (close_process_group's docstring)
     finally:
-        torch.distributed.destroy_process_group()
+        close_process_group()
 
 
 def test_all_gather_rows_joins_uneven_slices_and_returns_every_ranks_gradient(tmp_path):

@@ -21,6 +21,7 @@ rank loads run.dir/last.pt (the last finished epoch) and the epoch is replayed e
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import replace
 from typing import Any
@@ -49,7 +50,21 @@ def launch(cfg: Config, progress: bool = True) -> dict[str, Any]:
     try:
         return train(cfg, progress=progress, rank=rank, world=world)
     finally:
-        torch.distributed.destroy_process_group()
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Destroy the default process group once nothing else holds it.
+
+    The autograd node of a differentiable collective (`all_gather_rows`) keeps a reference to
+    the group; if a graph through one outlives `destroy_process_group` (a reference cycle, or a
+    tensor still in scope), the gloo group is freed later, at garbage collection or exit, and
+    aborts the process ("terminate called without an active exception", 1 exit in 3 in
+    tests/train/test_distributed.py before this). So: drop such tensors first, then call this,
+    which collects the cycles before tearing the group down.
+    """
+    gc.collect()
+    torch.distributed.destroy_process_group()
 
 
 def is_distributed() -> bool:
