@@ -99,6 +99,7 @@ class TrainConfig:
     in_batch_negatives: bool = False
     negative_scores: str = "readout"  # retrieval: a negative's logit from the label-aware readout (SPEC §2.5) | max (its best valid interest, as serving's merge scores it)
     hard_negatives: float = 0.0  # retrieval: β of hardness-weighted negatives (REMI's IHN): a negative counts ∝ exp(β · its logit) in the softmax (0 = off, SPEC)
+    interest_diversity: float = 0.0  # retrieval: λ of a penalty on the mean pairwise cosine of each user's valid interests (0 = off, SPEC)
     embed_l2: float = 0.0  # ranking / PLE / retrieval: λ of the mini-batch-aware L2 (DIN paper §4.3.1) on the item-id embeddings of a batch's histories and candidates (targets), each weighted 1 / its training frequency (PLE's user-id rows too, model.user_dim, each 1 / its user's training samples)
     resample_negatives: bool = False  # ranking and multi-task (PLE): draw the training negatives (targets' and DIEN's auxiliary ones) afresh every epoch
     aux_negatives: str = "uniform"  # DIEN's auxiliary negatives under resample_negatives: uniform | popularity (∝ training count^0.75, word2vec's smoothing)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from facetrec.data.batches import RetrievalBatch
-from facetrec.models.losses import NegativeSampler, retrieval_loss, sampled_softmax_loss
+from facetrec.models.losses import NegativeSampler, interest_similarity, retrieval_loss, sampled_softmax_loss
 from facetrec.models.mind import MIND, MINDConfig
 
 N_ITEMS = 30
@@ -203,3 +203,33 @@ def test_hard_negatives_weight_each_negative_by_its_exp_beta_logit(beta):
     assert loss > plain  # the weights lean on the high-scoring negatives: a larger estimate of the sum
     with pytest.raises(ValueError, match="hard_negatives"):
         sampled_softmax_loss(user, items[target], target, items[all_ids], all_ids, hard_negatives=-1.0)
+
+
+def test_interest_diversity_adds_lambda_times_the_users_mean_pairwise_cosine_of_valid_interests():
+    m, b = _model(), _batch()
+    s = _AllItems(np.ones(N_ITEMS))
+    V, valid = m.user_interests(b.hist, b.hist_mask, b.n_events)
+    assert valid.sum(1).tolist() == [4, 1, 2]  # users with several interests and one with a single one
+    # by hand: per user with >= 2 valid interests, the mean cosine over ordered pairs of distinct valid slots
+    per_user = []
+    for r in range(len(V)):
+        ks = [k for k in range(V.shape[1]) if valid[r, k]]
+        if len(ks) > 1:
+            per_user.append(np.mean([float(F.cosine_similarity(V[r, i], V[r, j], dim=0))
+                                     for i in ks for j in ks if i != j]))
+    expected = float(np.mean(per_user))
+    plain = retrieval_loss(m, b, s, N_ITEMS - 1)
+    with_div = retrieval_loss(m, b, s, N_ITEMS - 1, diversity=0.5)
+    assert float(with_div - plain) == pytest.approx(0.5 * expected, abs=1e-5)
+    assert float(retrieval_loss(m, b, s, N_ITEMS - 1, diversity=0.0)) == float(plain)
+    # the penalty's gradient reaches the interest MLP and pushes the interests apart
+    with torch.no_grad():  # at init the tiny embeddings give every interest about the MLP's bias: spread them
+        m.items.table.mul_(30)
+    before = interest_similarity(*m.user_interests(b.hist, b.hist_mask, b.n_events))
+    opt = torch.optim.Adam(m.parameters(), lr=0.01)
+    for _ in range(20):
+        opt.zero_grad()
+        interest_similarity(*m.user_interests(b.hist, b.hist_mask, b.n_events)).backward()
+        opt.step()
+    after = interest_similarity(*m.user_interests(b.hist, b.hist_mask, b.n_events))
+    assert float(after) < float(before) - 0.1

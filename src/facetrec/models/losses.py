@@ -225,11 +225,32 @@ def sampled_softmax_loss(user_vec: torch.Tensor, target_vec: torch.Tensor, targe
     return F.cross_entropy(all_logits, torch.zeros(len(all_logits), dtype=torch.long, device=all_logits.device))
 
 
+def interest_similarity(V: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean pairwise cosine of each user's valid interests, averaged over the users with two or more
+    (the `mean_pairwise_cosine` the evaluation reports); 0 when no user has two. The penalty of
+    `train.interest_diversity`.
+
+    Example:
+        >>> V = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]])
+        >>> float(interest_similarity(V, torch.tensor([[True, True, False]])))
+        0.0
+    """
+    v = F.normalize(V, dim=-1)
+    cos = v @ v.transpose(1, 2)  # (B, K, K)
+    eye = torch.eye(V.shape[1], dtype=torch.bool, device=V.device)
+    pair = valid[:, :, None] & valid[:, None, :] & ~eye  # (B, K, K)
+    n_pairs = pair.sum((1, 2))  # (B,)
+    multi = n_pairs > 0
+    per_user = (cos * pair).sum((1, 2)) / n_pairs.clamp(min=1)
+    return (per_user * multi).sum() / multi.sum().clamp(min=1)
+
+
 def retrieval_loss(model: MIND, batch: RetrievalBatch, sampler: NegativeSampler, n_neg: int,
                    in_batch: bool = False, log_q: bool = True,
                    negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
                    gather: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-                   negative_scores: str = "readout", hard_negatives: float = 0.0) -> torch.Tensor:
+                   negative_scores: str = "readout", hard_negatives: float = 0.0,
+                   diversity: float = 0.0) -> torch.Tensor:
     """MIND / YouTube DNN training loss: interests -> label-aware attention -> sampled softmax (SPEC §2.4-2.5).
 
     Args:
@@ -250,6 +271,8 @@ def retrieval_loss(model: MIND, batch: RetrievalBatch, sampler: NegativeSampler,
             "max" with each user's best valid interest, the score serving's merge ranks them by
             (a negative that any interest ranks high is pushed down; the same for K = 1).
         hard_negatives: β of hardness-weighted negatives (`sampled_softmax_loss`); 0 = off.
+        diversity: λ of a penalty on the mean pairwise cosine of each user's valid interests
+            (`interest_similarity`): λ > 0 pushes a user's interests apart; 0 = off (SPEC).
 
     Example:
         >>> from facetrec.models.mind import MINDConfig
@@ -284,8 +307,12 @@ def retrieval_loss(model: MIND, batch: RetrievalBatch, sampler: NegativeSampler,
     if in_batch and gather is not None:
         batch_vec, batch_ids = gather(target_vec, batch.target)
         batch_log_q = None if table is None else table[batch_ids]
-    return sampled_softmax_loss(user_vec, target_vec, batch.target, neg_vec, neg_ids, neg_log_q=neg_log_q,
+    loss = sampled_softmax_loss(user_vec, target_vec, batch.target, neg_vec, neg_ids, neg_log_q=neg_log_q,
                                 target_log_q=target_log_q, in_batch=in_batch, temperature=model.cfg.temperature,
                                 batch_vec=batch_vec, batch_ids=batch_ids, batch_log_q=batch_log_q,
                                 neg_interests=(V, valid) if negative_scores == "max" else None,
                                 hard_negatives=hard_negatives)
+    if diversity:
+        # the interests' directions only: an offset coordinate (model.interest_bias) is not one
+        loss = loss + diversity * interest_similarity(V[..., :model.cfg.dim], valid)
+    return loss

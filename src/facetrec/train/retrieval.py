@@ -160,6 +160,8 @@ def retrieval_task(cfg: Config, prep: Prepared, model: MIND, device: torch.devic
                           "readout, SPEC §2.5) or 'max' (each user's best valid interest, as serving merges)")
     if not cfg.train.hard_negatives >= 0:
         raise ConfigError(f"train.hard_negatives {cfg.train.hard_negatives} must be >= 0 (0 = off)")
+    if not cfg.train.interest_diversity >= 0:
+        raise ConfigError(f"train.interest_diversity {cfg.train.interest_diversity} must be >= 0 (0 = off)")
     if cfg.train.target_window < 1:
         raise ConfigError(f"train.target_window {cfg.train.target_window} must be >= 1 (1 = the next event, SPEC's sample)")
     users, pos = retrieval_train_samples(prep, cfg.train.protocol, cfg.train.min_history)
@@ -190,7 +192,8 @@ def retrieval_task(cfg: Config, prep: Prepared, model: MIND, device: torch.devic
         (share,) = global_shares(len(batch.target))  # rows are independent given the shared negatives
         value = retrieval_loss(model, batch, sampler, cfg.train.n_negatives, in_batch=cfg.train.in_batch_negatives,
                                negatives=(step.neg_ids, step.neg_log_q), gather=all_gather_rows if world > 1 else None,
-                               negative_scores=cfg.train.negative_scores, hard_negatives=cfg.train.hard_negatives)
+                               negative_scores=cfg.train.negative_scores, hard_negatives=cfg.train.hard_negatives,
+                               diversity=cfg.train.interest_diversity)
         value = value * share
         if inv_freq is None:
             return value, {}
