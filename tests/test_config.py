@@ -77,3 +77,11 @@ def test_every_shipped_config_loads_and_its_model_section_is_valid(path):
     name = params.pop("name", None)
     if name and name != "popularity":
         make_config(name, params, n_items=100)
+
+
+def test_a_config_cannot_set_n_items_which_comes_from_the_data():
+    from facetrec.train.build import make_config
+
+    with pytest.raises(ConfigError, match=r"model.n_items is taken from the prepared data \(100 here"):
+        make_config("mind", {"n_items": 5}, n_items=100)
+    assert make_config("mind", {}, n_items=100).n_items == 100

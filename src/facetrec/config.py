@@ -42,8 +42,8 @@ class ItemTable:
     multi: tuple[str, ...] = ()  # fields that hold several values
     multi_sep: str = ","  # separator inside a multi-valued cell (wide layout)
     layout: str = "wide"  # wide | long
-    sep: str = "\t"
-    header: bool = True
+    sep: str = "\t"  # column separator (tab by default)
+    header: bool = True  # the first line names the columns
     columns: tuple[str, ...] = ()  # names for a header-less file's columns
 
 
@@ -55,8 +55,8 @@ class DataConfig:
     format: str = "generic"  # generic | amazon | movielens | taobao
     root: str = "../shared/data/amazon-beauty"  # directory with the raw files (contract key)
     interactions: str = "interactions.tsv"  # file name inside root
-    sep: str = "\t"
-    header: bool = True
+    sep: str = "\t"  # column separator (tab by default)
+    header: bool = True  # the first line names the columns
     columns: tuple[str, ...] = ()  # names for a header-less file's columns (generic)
     user: str = "user_id"  # column holding the user id
     item: str = "item_id"  # column holding the item id
@@ -64,7 +64,7 @@ class DataConfig:
     rating: str = ""  # optional rating column
     behavior: str = ""  # optional behaviour column (pv / cart / fav / buy)
     item_fields: dict[str, str] = field(default_factory=dict)  # item attributes carried in the log: field -> column
-    item_tables: tuple[ItemTable, ...] = ()
+    item_tables: tuple[ItemTable, ...] = ()  # side tables of item attributes (the data.item_tables[] section)
     behaviors: tuple[str, ...] = ()  # keep only these behaviours (empty = all)
     metadata: str = ""  # amazon: optional metadata file (JSON lines with asin + categories)
     movies: str = ""  # movielens: optional movies.dat / movies.csv with genres
@@ -79,7 +79,7 @@ class PrepareConfig:
     max_history: int = 20  # longest history fed to a model (20 for Amazon, 50 for Taobao)
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / valid / test users
     history_frac: float = 0.8  # valid/test users: this share of their events is the history
-    seed: int = 2026
+    seed: int = 2026  # seeds the user split and the sampled negatives written with the data (ranking targets, DIEN auxiliary)
     lenient: bool = False  # skip and count bad rows instead of failing
 
 
@@ -87,16 +87,16 @@ class PrepareConfig:
 class TrainConfig:
     """Optimisation and evaluation settings shared by every model."""
 
-    epochs: int = 20
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.0
+    epochs: int = 20  # most passes over the training samples (early stopping may end sooner)
+    batch_size: int = 256  # samples per step (the global batch under DDP)
+    lr: float = 1e-3  # Adam learning rate
+    weight_decay: float = 0.0  # Adam weight decay on every parameter (embed_l2 is the per-row alternative)
     ema: float = 0.0  # decay of an exponential moving average of the weights, validated and kept as best.pt (0 = off; the retrieval configs use 0.998)
     patience: int = 3  # early stopping: epochs without a better valid metric
     eval_every: int = 1  # epochs between validations
     n_negatives: int = 1000  # retrieval: sampled negatives per batch
     negatives: str = "uniform"  # retrieval: uniform | popularity
-    in_batch_negatives: bool = False
+    in_batch_negatives: bool = False  # retrieval: the batch's other targets are negatives too (log-Q corrected by their data frequency)
     negative_scores: str = "readout"  # retrieval: a negative's logit from the label-aware readout (SPEC §2.5) | max (its best valid interest, as serving's merge scores it)
     hard_negatives: float = 0.0  # retrieval: β of hardness-weighted negatives (REMI's IHN): a negative counts ∝ exp(β · its logit) in the softmax (0 = off, SPEC)
     interest_diversity: float = 0.0  # retrieval: λ of a penalty on the mean pairwise cosine of each user's valid interests (0 = off, SPEC)
@@ -111,11 +111,11 @@ class TrainConfig:
     target_window: int = 1  # retrieval: a sample's target is drawn each epoch from the next this-many events after its history (1 = the next event, SPEC)
     top_m: int = 200  # retrieval eval: candidates per interest
     index: str = "exact"  # exact | hnsw | ivf | ivfpq
-    index_params: dict[str, Any] = field(default_factory=dict)
+    index_params: dict[str, Any] = field(default_factory=dict)  # the index kind's parameters, e.g. {M: 32, efSearch: 256} for hnsw (facetrec.index.ann)
     threads: int = 0  # torch threads (0 = leave torch's default)
     device: str = "auto"  # auto | cpu | cuda
     cuda_graphs: str = "auto"  # auto | on | off: replay the training step from a CUDA graph on a GPU (MIND, YouTube DNN, DIEN, base model; facetrec.train.graphs)
-    seed: int = 0
+    seed: int = 0  # seeds initialisation, sampling and shuffling (benchmarks vary it for the seed spread)
     max_steps: int = 0  # stop after this many steps (0 = no limit; for smoke runs)
     max_eval_users: int = 0  # cap users evaluated (0 = all)
 

@@ -67,7 +67,7 @@ class PLEConfig:
     expert: tuple[int, ...] = (128, 64)  # expert MLP sizes (last = H)
     tower: tuple[int, ...] = (32,)  # per-task tower hidden sizes, then a linear layer to the logit
     activation: str = "relu"  # relu | prelu | dice in experts and towers
-    dropout: float = 0.0
+    dropout: float = 0.0  # dropout in experts and towers
     task_weights: tuple[float, ...] = ()  # loss weight per task (() = all 1)
     like_threshold: float = 4.0  # liked: rating >= this
     purchase_behaviors: tuple[str, ...] = ("buy",)  # purchase: these behaviours count (e.g. add cart, fav)

@@ -71,8 +71,8 @@ class UIEConfig:
     reseed_every: int = 100  # steps between re-seeds of unused centres (0 = never)
     reseed_noise: float = 0.01  # relative noise added to a re-seeded centre
     upe: bool = True  # ablations: switch one vector off
-    ucbe: bool = True
-    ucse: bool = True
+    ucbe: bool = True  # ablations: as upe
+    ucse: bool = True  # ablations: as upe
     seed: int = 0  # sampling and seeding generator
 
     def __post_init__(self) -> None:

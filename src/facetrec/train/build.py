@@ -55,6 +55,9 @@ def make_config(name: str, params: dict[str, Any], n_items: int):
         params.setdefault("pooling", "mean")
     if name == "ple-uie":
         params.setdefault("use_uie", True)
+    if "n_items" in params:
+        raise ConfigError(f"model.n_items is taken from the prepared data ({n_items} here, padding included); "
+                          "remove it from the model section")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - names)
     if unknown:

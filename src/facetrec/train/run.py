@@ -40,7 +40,7 @@ def model_name(cfg: Config) -> str:
 
 # train.* keys read by one family of trainers only; every other train key is read by all of them
 FAMILY_TRAIN_KEYS: dict[str, tuple[str, ...]] = {
-    "retrieval": ("n_negatives", "negatives", "in_batch_negatives", "negative_scores", "hard_negatives",
+    "retrieval": ("n_negatives", "negatives", "in_batch_negatives", "negative_scores", "hard_negatives", "interest_diversity",
                   "protocol", "min_history", "target_window", "top_m", "index", "index_params", "max_eval_users"),
     "ranking": ("resample_negatives", "aux_negatives", "positions"),
     "multi-task": ("resample_negatives", "aux_negatives", "history_cut", "history_cut_max"),
