@@ -95,7 +95,7 @@ class TrainConfig:
     patience: int = 3  # early stopping: epochs without a better valid metric
     eval_every: int = 1  # epochs between validations
     n_negatives: int = 1000  # retrieval: sampled negatives per batch
-    negatives: str = "uniform"  # retrieval: uniform | popularity
+    negatives: str = "uniform"  # retrieval: uniform | popularity (n_negatives drawn per batch, shared) | all (every item: the full softmax; n_negatives unused)
     in_batch_negatives: bool = False  # retrieval: the batch's other targets are negatives too (log-Q corrected by their data frequency)
     negative_scores: str = "readout"  # retrieval: a negative's logit from the label-aware readout (SPEC §2.5) | max (its best valid interest, as serving's merge scores it)
     hard_negatives: float = 0.0  # retrieval: β of hardness-weighted negatives (REMI's IHN): a negative counts ∝ exp(β · its logit) in the softmax (0 = off, SPEC)

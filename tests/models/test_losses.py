@@ -233,3 +233,16 @@ def test_interest_diversity_adds_lambda_times_the_users_mean_pairwise_cosine_of_
         opt.step()
     after = interest_similarity(*m.user_interests(b.hist, b.hist_mask, b.n_events))
     assert float(after) < float(before) - 0.1
+
+
+def test_sampler_mode_all_gives_every_item_once_and_the_loss_is_the_full_softmax():
+    s = NegativeSampler(np.arange(N_ITEMS, dtype=float), "all")
+    ids, log_q = s.sample(5)  # n is ignored: the whole catalogue but padding
+    assert ids.tolist() == list(range(1, N_ITEMS)) and torch.allclose(log_q, log_q[:1].expand_as(log_q))
+    m, b = _model(), _batch()
+    for scores in ("readout", "max"):
+        got = retrieval_loss(m, b, s, 5, negative_scores=scores)
+        want = retrieval_loss(m, b, _AllItems(np.ones(N_ITEMS)), N_ITEMS - 1, negative_scores=scores)
+        assert torch.allclose(got, want, atol=1e-6)
+    with pytest.raises(ValueError, match="must be one of uniform, popularity, all"):
+        NegativeSampler(np.ones(N_ITEMS), "everything")

@@ -81,11 +81,15 @@ def test_retrieval_loss_takes_the_mini_batch_l2_on_history_and_target_ids(synth_
 
 
 @pytest.mark.parametrize("setting, message", [("train.negative_scores=mean", "train.negative_scores 'mean' must be 'readout'"),
-                                              ("train.target_window=0", "train.target_window 0 must be >= 1")])
+                                              ("train.target_window=0", "train.target_window 0 must be >= 1"),
+                                              ("train.negatives=everything", "train.negatives 'everything' must be one of uniform, popularity, all"),
+                                              ("train.interest_diversity=-1", "train.interest_diversity -1.0 must be >= 0"),
+                                              ("train.negatives=all train.in_batch_negatives=true",
+                                               "train.negatives: all already scores every item")])
 def test_a_bad_retrieval_loss_setting_is_refused_before_training(synth_prepared, setting, message):
     from facetrec.train.retrieval import build_mind, retrieval_task
 
     prep = Prepared(synth_prepared[0])
-    cfg = load_config(CONFIG, ["model.name=mind", "model.dim=8", "model.hidden=[8]", setting])
+    cfg = load_config(CONFIG, ["model.name=mind", "model.dim=8", "model.hidden=[8]", *setting.split()])
     with pytest.raises(ConfigError, match=message):
         retrieval_task(cfg, prep, build_mind(cfg, prep))

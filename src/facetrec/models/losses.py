@@ -20,8 +20,12 @@ from facetrec.data.batches import RetrievalBatch
 from facetrec.models.mind import MIND
 
 
+NEGATIVE_MODES = ("uniform", "popularity", "all")
+
+
 class NegativeSampler:
-    """Draws negatives from items 1..n_items-1 (never padding), uniformly or in proportion to popularity.
+    """Draws negatives from items 1..n_items-1 (never padding), uniformly or in proportion to popularity,
+    or gives every item once ("all": the sampled softmax becomes the full softmax over the catalogue).
 
     `log_q[i]` is log Q(i) of the proposal (for the log-Q correction); `log_freq[i]` is the log of
     the item's share of the training counts, the proposal of in-batch negatives (other rows'
@@ -30,7 +34,7 @@ class NegativeSampler:
 
     Args:
         item_counts: (n_items,) training event counts per item; index 0 is padding.
-        mode: "uniform" | "popularity".
+        mode: "uniform" | "popularity" | "all" (`sample` ignores n and returns items 1..n_items-1).
         seed: the same seed on every rank gives every rank the same negatives at each step.
 
     Example:
@@ -40,8 +44,8 @@ class NegativeSampler:
     """
 
     def __init__(self, item_counts: np.ndarray | torch.Tensor, mode: str = "uniform", seed: int = 0) -> None:
-        if mode not in ("uniform", "popularity"):
-            raise ValueError(f"negative sampling mode {mode!r} must be 'uniform' or 'popularity'")
+        if mode not in NEGATIVE_MODES:
+            raise ValueError(f"negative sampling mode {mode!r} must be one of {', '.join(NEGATIVE_MODES)}")
         counts = torch.as_tensor(np.asarray(item_counts), dtype=torch.float64).clone().clamp(min=0)  # (n_items,)
         self.n_items = len(counts)
         if counts.dim() != 1 or self.n_items < 2:
@@ -55,7 +59,7 @@ class NegativeSampler:
             freq = torch.ones_like(counts)
             freq[0] = 0
             freq /= freq.sum()
-        if mode == "uniform":
+        if mode != "popularity":  # uniform, and "all" (every item once: a constant log Q, which cancels)
             probs = torch.full_like(counts, 1.0 / (self.n_items - 1))
             probs[0] = 0
         else:
@@ -79,8 +83,11 @@ class NegativeSampler:
         return self._cached[1]
 
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """n ids drawn with replacement (n,) long, and their log Q (n,) float32, on the CPU."""
-        if self.mode == "uniform":
+        """n ids drawn with replacement (n,) long, and their log Q (n,) float32, on the CPU; in mode
+        "all" every real item once, in id order."""
+        if self.mode == "all":
+            ids = torch.arange(1, self.n_items)
+        elif self.mode == "uniform":
             ids = torch.randint(1, self.n_items, (n,), generator=self.generator)
         else:
             u = torch.rand(n, generator=self.generator, dtype=torch.float64)
@@ -257,7 +264,7 @@ def retrieval_loss(model: MIND, batch: RetrievalBatch, sampler: NegativeSampler,
         model: a MIND (or YouTube DNN) model.
         batch: RetrievalBatch.
         sampler: NegativeSampler; draws `n_neg` negatives shared by the batch.
-        n_neg: number of sampled negatives N.
+        n_neg: number of sampled negatives N (a sampler in mode "all" gives every item instead).
         in_batch: also use the other rows' targets as negatives.
         log_q: apply the log-Q correction where the proposal is not uniform: popularity
             negatives (log Q = sampler.log_q) and in-batch negatives (log Q = sampler.log_freq).
@@ -288,6 +295,7 @@ def retrieval_loss(model: MIND, batch: RetrievalBatch, sampler: NegativeSampler,
     neg_ids, neg_log_q = sampler.sample(n_neg) if negatives is None else negatives
     device = batch.target.device
     neg_ids = neg_ids.to(device)
+    n_neg = len(neg_ids)  # = n_neg, or the whole catalogue for a sampler in mode "all"
     B = len(batch.target)
     ids = torch.cat([batch.target, neg_ids])  # (B + N,)
     # (B, K, D), (B, K), (B + N, D) from one item-tower pass

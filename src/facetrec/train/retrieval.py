@@ -21,7 +21,7 @@ from facetrec.data.dataset import (Prepared, RetrievalEvalSet, history_csr, mini
 from facetrec.errors import ConfigError
 from facetrec.eval.metrics import bucket_labels, bucket_of, topn_by_bucket, topn_mean, topn_per_user
 from facetrec.index.ann import ann_recall, build_index, multi_interest_search
-from facetrec.models.losses import NEGATIVE_SCORES, NegativeSampler, retrieval_loss
+from facetrec.models.losses import NEGATIVE_MODES, NEGATIVE_SCORES, NegativeSampler, retrieval_loss
 from facetrec.models.mind import MIND
 from facetrec.train.build import build_model, make_config
 from facetrec.train.distributed import all_gather_rows, global_shares
@@ -160,6 +160,12 @@ def retrieval_task(cfg: Config, prep: Prepared, model: MIND, device: torch.devic
                           "readout, SPEC §2.5) or 'max' (each user's best valid interest, as serving merges)")
     if not cfg.train.hard_negatives >= 0:
         raise ConfigError(f"train.hard_negatives {cfg.train.hard_negatives} must be >= 0 (0 = off)")
+    if cfg.train.negatives not in NEGATIVE_MODES:
+        raise ConfigError(f"train.negatives {cfg.train.negatives!r} must be one of {', '.join(NEGATIVE_MODES)} "
+                          "(all: every item is a negative, the full softmax)")
+    if cfg.train.negatives == "all" and cfg.train.in_batch_negatives:
+        raise ConfigError("train.negatives: all already scores every item; in-batch negatives would count the batch's "
+                          "targets twice — set train.in_batch_negatives: false")
     if not cfg.train.interest_diversity >= 0:
         raise ConfigError(f"train.interest_diversity {cfg.train.interest_diversity} must be >= 0 (0 = off)")
     if cfg.train.target_window < 1:
