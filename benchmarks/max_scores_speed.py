@@ -30,14 +30,13 @@ import numpy as np
 import torch
 
 from envinfo import package_versions  # benchmarks/envinfo.py
-from timing import interleaved  # benchmarks/timing.py
+from timing import interleaved, training_step  # benchmarks/timing.py
 
 from facetrec.config import load_config
 from facetrec.data.dataset import Prepared
 from facetrec.data.prepare import ensure_prepared
 from facetrec.models.losses import BestInterestScores
 from facetrec.models.mind import interest_count
-from facetrec.train.loop import WeightAverage, make_optimizer
 from facetrec.train.retrieval import build_mind, retrieval_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,18 +70,15 @@ def main() -> None:
     print(f"{args.config}: B={cfg.train.batch_size} N={cfg.train.n_negatives} in-batch={cfg.train.in_batch_negatives} "
           f"K={model.cfg.n_interests} D={model.cfg.dim}, {args.threads} threads; K'_u over {len(batches)} batches: {hist} "
           f"(valid slots {share:.0%} of K)")
-    opt = make_optimizer(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)  # as `facetrec train`
-    avg = WeightAverage(model, cfg.train.ema) if cfg.train.ema > 0 else None
+    def loss_of(i: int) -> torch.Tensor:
+        return task.loss(batches[i % len(batches)])[0]
+
+    step = training_step(model, loss_of, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, ema=cfg.train.ema)  # as `facetrec train`
 
     def way(grouped: bool):
-        def run(i: int) -> None:
+        def run(i: int) -> None:  # one model, one optimizer: the two ways update the same weights in turn
             BestInterestScores.cpu_grouped = grouped
-            loss, _ = task.loss(batches[i % len(batches)])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if avg is not None:
-                avg.update()
+            step(i)
         return run
 
     rates = interleaved({"grouped": way(True), "dense": way(False)}, cfg.train.batch_size, args.warmup, args.steps, args.repeats)

@@ -79,8 +79,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs fro
 from facetrec.data.batches import RetrievalBatch  # noqa: E402
 from facetrec.models.losses import NegativeSampler, retrieval_loss  # noqa: E402
 from facetrec.models.mind import MIND, MINDConfig  # noqa: E402
-from facetrec.train.loop import WeightAverage, make_optimizer  # noqa: E402
-from timing import interleaved  # noqa: E402  (benchmarks/timing.py)
+from timing import interleaved, training_step  # noqa: E402  (benchmarks/timing.py)
 
 
 # ---------------------------------------------------------------- workload
@@ -104,19 +103,9 @@ def make_batches(n: int, batch: int, hist: int, min_len: int, n_items: int, n_us
 
 def ours_train_step(model: MIND, batches: list[RetrievalBatch], sampler: NegativeSampler, n_neg: int,
                     ema: float = 0.0, in_batch: bool = False, negative_scores: str = "readout") -> Callable[[int], None]:
-    opt = make_optimizer(model.parameters(), lr=1e-3)  # the optimizer `facetrec train` uses
-    avg = WeightAverage(model, ema) if ema > 0 else None  # and its weight average (train.ema), as the loop runs it
-
-    def step(i: int) -> None:
-        loss = retrieval_loss(model, batches[i % len(batches)], sampler, n_neg, in_batch=in_batch,
-                              negative_scores=negative_scores)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if avg is not None:
-            avg.update()
-
-    return step
+    # the optimizer and weight average `facetrec train` uses (timing.training_step)
+    return training_step(model, lambda i: retrieval_loss(model, batches[i % len(batches)], sampler, n_neg, in_batch=in_batch,
+                                                         negative_scores=negative_scores), lr=1e-3, ema=ema)
 
 
 def ours_infer(model: MIND, batches: list[RetrievalBatch]) -> Callable[[int], None]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 
 def interleaved(runs: dict[str, Callable[[int], None]], batch: int, warmup: int, steps: int,
@@ -26,3 +26,23 @@ def interleaved(runs: dict[str, Callable[[int], None]], batch: int, warmup: int,
             sync()
             rates[name].append(steps * batch / (time.perf_counter() - t0))
     return rates
+
+
+def training_step(model: Any, loss_of: Callable[[int], Any], lr: float = 1e-3, weight_decay: float = 0.0,
+                  ema: float = 0.0) -> Callable[[int], None]:
+    """Step i as `facetrec train` runs it: loss_of(i) -> backward -> the loop's optimizer
+    (`make_optimizer`: fused Adam) -> its weight average (train.ema; 0 = off)."""
+    from facetrec.train.loop import WeightAverage, make_optimizer
+
+    opt = make_optimizer(model.parameters(), lr=lr, weight_decay=weight_decay)
+    avg = WeightAverage(model, ema) if ema > 0 else None
+
+    def step(i: int) -> None:
+        loss = loss_of(i)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if avg is not None:
+            avg.update()
+
+    return step

@@ -98,7 +98,7 @@ def reference_markdown() -> str:
         for f in dataclasses.fields(cls):
             if title.startswith("model") and f.name in FILLED_BY_TRAINING:
                 continue
-            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            kind = str(f.type)  # the annotation as written: these modules postpone annotations (PEP 563)
             lines.append(f"| `{f.name}` | `{_cell(kind)}` | {_cell(_default(f))} | {_cell(comments.get(f.name, ''))} |")
         lines.append("")
     lines += ["Not listed: `n_items`, which every model takes from the prepared data (a config that sets it is refused).", ""]

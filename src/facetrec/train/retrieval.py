@@ -21,7 +21,7 @@ from facetrec.data.dataset import (Prepared, RetrievalEvalSet, history_csr, mini
 from facetrec.errors import ConfigError
 from facetrec.eval.metrics import bucket_labels, bucket_of, topn_by_bucket, topn_mean, topn_per_user
 from facetrec.index.ann import ann_recall, build_index, multi_interest_search
-from facetrec.models.losses import NEGATIVE_MODES, NEGATIVE_SCORES, NegativeSampler, retrieval_loss
+from facetrec.models.losses import NEGATIVE_MODES, NEGATIVE_SCORES, NegativeSampler, interest_similarity, retrieval_loss
 from facetrec.models.mind import MIND
 from facetrec.train.build import build_model, make_config
 from facetrec.train.distributed import all_gather_rows, global_shares
@@ -111,12 +111,8 @@ def evaluate_mind(model: MIND, prep: Prepared, es: RetrievalEvalSet, cfg: Config
 def interest_diagnostics(interests: np.ndarray, valid: np.ndarray, top: np.ndarray, which: np.ndarray,
                          es: RetrievalEvalSet, k: int = 50) -> dict[str, Any]:
     """Are interests distinct? Mean pairwise cosine of a user's valid interests; share of hits per interest."""
-    v = interests / np.maximum(np.linalg.norm(interests, axis=-1, keepdims=True), 1e-12)
-    cos = np.einsum("ukd,ujd->ukj", v, v)
-    pair = valid[:, :, None] & valid[:, None, :] & ~np.eye(valid.shape[1], dtype=bool)[None]
-    multi = pair.any(axis=(1, 2))
-    per_user = (cos * pair).sum(axis=(1, 2))[multi] / pair.sum(axis=(1, 2))[multi]
-    mean_cos = float(per_user.mean()) if multi.any() else float("nan")
+    multi = valid.sum(1) >= 2  # users with a pair of interests to compare
+    mean_cos = float(interest_similarity(torch.from_numpy(interests), torch.from_numpy(valid))) if multi.any() else float("nan")
     # share of test hits @k retrieved by each interest rank
     n_t = np.diff(es.target_offsets)
     owner = np.repeat(np.arange(len(n_t)), n_t)
