@@ -14,6 +14,10 @@ variants' standard deviations over seeds:
   dense:  AUC(PLE) - AUC(PLE+UIE) <= s    for the >20 bucket
   centres: >= 50% of each memory's centres in use at the end of training
   time:   one PLE+UIE run on amazon-hin trains in <= 15 min
+
+`--warm-start`: each PLE + UIE run starts from the same seed's trained PLE (`model.warm_start` =
+its run dir; run dirs `<dataset>-ple-uie-warm-s<seed>`, so the PLE runs are shared with the plain
+grid), i.e. UIE's memories and towers are learnt on top of a converged main model.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-coldstart")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--warm-start", action="store_true", help="PLE + UIE starts from the same seed's trained PLE")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra override for every run")
     args = ap.parse_args()
 
@@ -64,12 +69,15 @@ def main() -> None:
     for seed in args.seeds:  # seed-major: partial results already compare both variants
         for data in args.datasets:
             for variant in VARIANTS:
-                run_dir = args.runs / f"{data}-{variant}-s{seed}"
+                warm = args.warm_start and variant == "ple-uie"
+                run_dir = args.runs / f"{data}-{variant}{'-warm' if warm else ''}-s{seed}"
                 path = run_dir / "metrics.json"
                 if path.exists():
                     m = json.loads(path.read_text())
                 else:
                     seeds = [f"train.seed={seed}"] + ([f"model.uie.seed={seed}"] if variant == "ple-uie" else [])
+                    if warm:
+                        seeds.append(f"model.warm_start={args.runs / f'{data}-ple-s{seed}'}")
                     cfg = load_config(ROOT / "configs" / data / f"{variant}.yaml", [*args.overrides, *seeds, f"run.dir={run_dir}"])
                     m = train(cfg, progress=False)
                 results[data][variant].append(m)
@@ -126,7 +134,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"summary": summary, "per_seed": per_seed, "checks": checks, "seeds": args.seeds,
-                                        "overrides": args.overrides, "environment": package_versions()}, indent=2))
+                                        "overrides": args.overrides, "warm_start": args.warm_start, "environment": package_versions()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ on the same synthetic workload (issue #3: our MIND must train >= 2x faster than 
     .bench-venv/bin/python benchmarks/retrieval_speed.py         # ours + torch-rechub, side by side
     MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296 .bench-venv/bin/python benchmarks/retrieval_speed.py
     .bench-venv/bin/python benchmarks/retrieval_speed.py --profile   # + torch.profiler tables of both training steps
+    .bench-venv/bin/python benchmarks/retrieval_speed.py --phases    # + ms per step in forward+loss / backward / optimizer
 
 The peer lives in its own virtualenv (see benchmarks/ranking_speed.py for how it is made; torch-rechub
 0.9.0 on torch 2.13.0). A peer that does not import is skipped with a message. facetrec is imported
@@ -62,11 +63,13 @@ Measured: see docs/benchmarks.md ("Retrieval speed"), produced by the commands a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -104,8 +107,56 @@ def make_batches(n: int, batch: int, hist: int, min_len: int, n_items: int, n_us
 def ours_train_step(model: MIND, batches: list[RetrievalBatch], sampler: NegativeSampler, n_neg: int,
                     ema: float = 0.0, in_batch: bool = False, negative_scores: str = "readout") -> Callable[[int], None]:
     # the optimizer and weight average `facetrec train` uses (timing.training_step)
-    return training_step(model, lambda i: retrieval_loss(model, batches[i % len(batches)], sampler, n_neg, in_batch=in_batch,
-                                                         negative_scores=negative_scores), lr=1e-3, ema=ema)
+    return training_step(model, ours_loss(model, batches, sampler, n_neg, in_batch, negative_scores), lr=1e-3, ema=ema)
+
+
+def ours_loss(model: MIND, batches: list[RetrievalBatch], sampler: NegativeSampler, n_neg: int, in_batch: bool = False,
+              negative_scores: str = "readout") -> Callable[[int], torch.Tensor]:
+    return lambda i: retrieval_loss(model, batches[i % len(batches)], sampler, n_neg, in_batch=in_batch,
+                                    negative_scores=negative_scores)
+
+
+def phase_ms(loss_of: Callable[[int], torch.Tensor], opt: torch.optim.Optimizer, steps: int, warmup: int) -> dict[str, float]:
+    """Mean ms per training step in forward + loss, backward and the optimizer step, timed with
+    perf_counter around each phase (torch.profiler's per-op times misattribute on these CPUs: it put
+    the item tower's gradient zero-fill alone above what `timed_item_backward` measures for the whole
+    of that backward; docs/benchmarks.md, "Where the step's time goes")."""
+    tot = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        loss = loss_of(i)
+        t1 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        t3 = time.perf_counter()
+        if i >= warmup:
+            for k, dt in zip(tot, (t1 - t0, t2 - t1, t3 - t2)):
+                tot[k] += dt
+    return {k: v / steps * 1e3 for k, v in tot.items()}
+
+
+@contextlib.contextmanager
+def timed_item_backward():
+    """Seconds spent in the item tower's backward (`_MeanGather`: the table-sized gradient buffer's
+    zero-fill, the 1/count scaling, one index_add per slot) while the block runs: yields [seconds]."""
+    from facetrec.models.mind import _MeanGather
+
+    spent = [0.0]
+    plain = _MeanGather.backward
+
+    def backward(ctx, grad):
+        t0 = time.perf_counter()
+        out = plain(ctx, grad)
+        spent[0] += time.perf_counter() - t0
+        return out
+
+    _MeanGather.backward = staticmethod(backward)
+    try:
+        yield spent
+    finally:
+        _MeanGather.backward = staticmethod(plain)
 
 
 def ours_infer(model: MIND, batches: list[RetrievalBatch]) -> Callable[[int], None]:
@@ -139,13 +190,21 @@ class RechubMIND:
     def inputs(self, b: RetrievalBatch, neg: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"user_id": b.user, "hist_item_id": b.hist * b.hist_mask, "item_id": b.target, "neg_items": neg}
 
-    def train_step(self, inputs: list[dict[str, torch.Tensor]]) -> Callable[[int], None]:
-        opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+    def loss(self, inputs: list[dict[str, torch.Tensor]]) -> Callable[[int], torch.Tensor]:
         label = torch.zeros(len(inputs[0]["item_id"]), dtype=torch.long, device=inputs[0]["item_id"].device)  # the target is column 0
 
-        def step(i: int) -> None:
+        def loss_of(i: int) -> torch.Tensor:
             self.model.mode = None
-            loss = F.cross_entropy(self.model(inputs[i % len(inputs)]), label)  # MatchTrainer mode=2
+            return F.cross_entropy(self.model(inputs[i % len(inputs)]), label)  # MatchTrainer mode=2
+
+        return loss_of
+
+    def train_step(self, inputs: list[dict[str, torch.Tensor]]) -> Callable[[int], None]:
+        opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        loss_of = self.loss(inputs)
+
+        def step(i: int) -> None:
+            loss = loss_of(i)
             self.model.zero_grad()
             loss.backward()
             opt.step()
@@ -237,6 +296,8 @@ def main() -> None:
     ap.add_argument("--infer-steps", type=int, default=20, help="inference calls per timed window")
     ap.add_argument("--repeats", type=int, default=10, help="timed windows per model, interleaved; best and median printed")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of 10 training steps of each model")
+    ap.add_argument("--phases", action="store_true",
+                    help="also time each model's forward + loss, backward and optimizer step (ms per step; on copies)")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
 
@@ -293,6 +354,31 @@ def main() -> None:
                     run(i)
             print(f"\nprofile: 10 training steps of {name}")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+    if args.phases:
+        import copy
+
+        from facetrec.train.loop import make_optimizer
+
+        # on copies, so the timed runs below start from the same weights either way
+        mine = copy.deepcopy(ours)
+        loss_of, opt = ours_loss(mine, batches, sampler, args.n_neg, args.in_batch, args.negative_scores), \
+            make_optimizer(mine.parameters(), lr=1e-3)
+        phase_ms(loss_of, opt, args.warmup, 0)  # warm-up outside the item tower's timer
+        with timed_item_backward() as spent:
+            phases = {"facetrec MIND": phase_ms(loss_of, opt, 50, 0)}
+        phases["facetrec MIND"]["of which item-tower backward"] = spent[0] / 50 * 1e3
+        if peer is not None:
+            theirs = copy.deepcopy(peer)
+            phases[peer.name] = phase_ms(theirs.loss(peer_inputs), torch.optim.Adam(theirs.model.parameters(), lr=1e-3),
+                                         50, args.warmup)
+        res["phases_ms"] = phases
+        print("ms per training step (50 steps, perf_counter around each phase; no weight average)")
+        for name, ph in phases.items():
+            parts = {k: ph[k] for k in ("forward", "backward", "optimizer")}
+            extra = "".join(f"  ({k} {v:.2f})" for k, v in ph.items() if k not in parts)
+            print(f"  {name:<20} " + "  ".join(f"{k} {v:6.2f}" for k, v in parts.items())
+                  + f"  total {sum(parts.values()):6.2f}" + extra)
 
     def report(part: str, name: str, rates: list[float]) -> None:
         res[part][name] = {"best": max(rates), "median": statistics.median(rates), "all": rates}
