@@ -118,9 +118,8 @@ def ours_loss(model: MIND, batches: list[RetrievalBatch], sampler: NegativeSampl
 
 def phase_ms(loss_of: Callable[[int], torch.Tensor], opt: torch.optim.Optimizer, steps: int, warmup: int) -> dict[str, float]:
     """Mean ms per training step in forward + loss, backward and the optimizer step, timed with
-    perf_counter around each phase (torch.profiler's per-op times misattribute on these CPUs: it put
-    the item tower's gradient zero-fill alone above what `timed_item_backward` measures for the whole
-    of that backward; docs/benchmarks.md, "Where the step's time goes")."""
+    perf_counter around each phase: no profiler overhead in the numbers (docs/benchmarks.md, "Where the
+    step's time goes")."""
     tot = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     for i in range(warmup + steps):
         t0 = time.perf_counter()
