@@ -208,7 +208,8 @@ def test_hard_negatives_weight_each_negative_by_its_exp_beta_logit(beta):
 def test_interest_diversity_adds_lambda_times_the_users_mean_pairwise_cosine_of_valid_interests():
     m, b = _model(), _batch()
     s = _AllItems(np.ones(N_ITEMS))
-    V, valid = m.user_interests(b.hist, b.hist_mask, b.n_events)
+    with torch.no_grad():
+        V, valid = m.user_interests(b.hist, b.hist_mask, b.n_events)
     assert valid.sum(1).tolist() == [4, 1, 2]  # users with several interests and one with a single one
     # by hand: per user with >= 2 valid interests, the mean cosine over ordered pairs of distinct valid slots
     per_user = []
@@ -220,8 +221,8 @@ def test_interest_diversity_adds_lambda_times_the_users_mean_pairwise_cosine_of_
     expected = float(np.mean(per_user))
     plain = retrieval_loss(m, b, s, N_ITEMS - 1)
     with_div = retrieval_loss(m, b, s, N_ITEMS - 1, diversity=0.5)
-    assert float(with_div - plain) == pytest.approx(0.5 * expected, abs=1e-5)
-    assert float(retrieval_loss(m, b, s, N_ITEMS - 1, diversity=0.0)) == float(plain)
+    assert (with_div - plain).item() == pytest.approx(0.5 * expected, abs=1e-5)
+    assert retrieval_loss(m, b, s, N_ITEMS - 1, diversity=0.0).item() == plain.item()
     # the penalty's gradient reaches the interest MLP and pushes the interests apart
     with torch.no_grad():  # at init the tiny embeddings give every interest about the MLP's bias: spread them
         m.items.table.mul_(30)
@@ -232,7 +233,7 @@ def test_interest_diversity_adds_lambda_times_the_users_mean_pairwise_cosine_of_
         interest_similarity(*m.user_interests(b.hist, b.hist_mask, b.n_events)).backward()
         opt.step()
     after = interest_similarity(*m.user_interests(b.hist, b.hist_mask, b.n_events))
-    assert float(after) < float(before) - 0.1
+    assert after.item() < before.item() - 0.1
 
 
 def test_sampler_mode_all_gives_every_item_once_and_the_loss_is_the_full_softmax():
