@@ -75,10 +75,10 @@ def main() -> None:
                 if path.exists():
                     m = json.loads(path.read_text())
                 else:
-                    seeds = [f"train.seed={seed}"] + ([f"model.uie.seed={seed}"] if variant == "ple-uie" else [])
+                    per_run = [f"train.seed={seed}"] + ([f"model.uie.seed={seed}"] if variant == "ple-uie" else [])
                     if warm:
-                        seeds.append(f"model.warm_start={args.runs / f'{data}-ple-s{seed}'}")
-                    cfg = load_config(ROOT / "configs" / data / f"{variant}.yaml", [*args.overrides, *seeds, f"run.dir={run_dir}"])
+                        per_run.append(f"model.warm_start={args.runs / f'{data}-ple-s{seed}'}")
+                    cfg = load_config(ROOT / "configs" / data / f"{variant}.yaml", [*args.overrides, *per_run, f"run.dir={run_dir}"])
                     m = train(cfg, progress=False)
                 results[data][variant].append(m)
                 t0 = m["tasks"][0]
