@@ -95,14 +95,13 @@ def train(
 @app.command()
 def evaluate(run_dir: Path = typer.Argument(..., help="A run directory written by `facetrec train`.")) -> None:
     """Recompute a run's metrics.json from its config and best weights."""
-    from facetrec.train.run import evaluate as run_evaluate
+    from facetrec.train.run import evaluate as run_evaluate, format_test_metrics
 
     try:
         out = run_evaluate(run_dir)
     except FacetrecError as e:
         _fail(e)
-    test = {k: v for k, v in out["test"].items() if isinstance(v, float)}
-    typer.echo("test " + " ".join(f"{k} {v:.4f}" for k, v in test.items()))
+    typer.echo(format_test_metrics(out))  # a multi-task run's numbers are per task
 
 
 @app.command()

@@ -203,6 +203,14 @@ def test_tiny_ple_uie_train_writes_the_metrics_shape(rated_log, tmp_path, monkey
     assert health["users_with_memory"] > 0
     again = evaluate(run, progress=False)  # rebuild from the run dir and best.pt
     assert again["test"]["engaged"]["auc"] == pytest.approx(m["test"]["engaged"]["auc"])
+    # the command prints the per-task numbers (it printed a bare "test " for multi-task runs before)
+    from typer.testing import CliRunner
+
+    from facetrec.cli import app
+
+    res = CliRunner().invoke(app, ["evaluate", str(run)])
+    assert res.exit_code == 0, res.output
+    assert f"engaged/auc {again['test']['engaged']['auc']:.4f}" in res.output and "liked/gauc" in res.output
 
     # warm start: a PLE + UIE run from the trained one loads every tensor (memories included)
     warm = tmp_path / "warm"

@@ -162,9 +162,7 @@ def train(cfg: Config, progress: bool = True, rank: int = 0, world: int = 1) -> 
     if rank == 0:
         write_json(run_dir / "metrics.json", out)
         if progress:
-            test = {k: v for k, v in out["test"].items() if isinstance(v, float)}
-            test.update({f"{k}/{m}": v[m] for k, v in out["test"].items() if isinstance(v, dict) for m in ("auc", "gauc") if m in v})
-            print(f"{name} on {cfg.data.name}: test " + " ".join(f"{k} {v:.4f}" for k, v in test.items()))
+            print(f"{name} on {cfg.data.name}: {format_test_metrics(out)}")
             print(f"wrote {run_dir / 'metrics.json'}")
     return out
 
@@ -210,6 +208,18 @@ def load_run_config(run_dir: str | Path) -> Config:
     if not path.exists():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass the run.dir of a `facetrec train`")
     return _build(Config, yaml.safe_load(path.read_text()), "")
+
+
+def format_test_metrics(metrics: dict[str, Any]) -> str:
+    """One line of a metrics.json's test numbers: its scalars, and AUC / GAUC per task of a multi-task run.
+
+    Example:
+        >>> format_test_metrics({"test": {"auc": 0.81, "click": {"auc": 0.8, "gauc": 0.7, "samples": 10}}})
+        'test auc 0.8100 click/auc 0.8000 click/gauc 0.7000'
+    """
+    test = {k: v for k, v in metrics["test"].items() if isinstance(v, float)}
+    test.update({f"{k}/{m}": v[m] for k, v in metrics["test"].items() if isinstance(v, dict) for m in ("auc", "gauc") if m in v})
+    return "test " + " ".join(f"{k} {v:.4f}" for k, v in test.items())
 
 
 def evaluate(run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
