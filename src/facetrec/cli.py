@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from facetrec.errors import FacetrecError
+from facetrec.errors import ConfigError, FacetrecError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="facetrec: multi-interest retrieval (MIND), interest-evolution ranking (DIEN), cold start (UIE), serving.")
@@ -93,15 +93,25 @@ def train(
 
 
 @app.command()
-def evaluate(run_dir: Path = typer.Argument(..., help="A run directory written by `facetrec train`.")) -> None:
-    """Recompute a run's metrics.json from its config and best weights."""
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `facetrec train`."),
+    set_: Optional[List[str]] = typer.Option(
+        None, "--set", help="Score the best weights under a changed config key, e.g. --set model.uie.memory_at_eval=false "
+                            "(repeatable; needs --out; a key that changes the model's shape is refused)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="With --set: write the metrics here, not to the run's metrics.json."),
+) -> None:
+    """Recompute a run's metrics.json from its config and best weights (or, with --set, score them under a changed config)."""
     from facetrec.train.run import evaluate as run_evaluate, format_test_metrics
 
+    if out is not None and not set_:
+        _fail(ConfigError("--out is for --set: without overrides evaluate rewrites the run's own metrics.json"))
     try:
-        out = run_evaluate(run_dir)
+        metrics = run_evaluate(run_dir, overrides=list(set_ or []), out_path=out)
     except FacetrecError as e:
         _fail(e)
-    typer.echo(format_test_metrics(out))  # a multi-task run's numbers are per task
+    typer.echo(format_test_metrics(metrics))  # a multi-task run's numbers are per task
+    if out is not None:
+        typer.echo(f"wrote {out}")
 
 
 @app.command()

@@ -211,6 +211,22 @@ def test_tiny_ple_uie_train_writes_the_metrics_shape(rated_log, tmp_path, monkey
     res = CliRunner().invoke(app, ["evaluate", str(run)])
     assert res.exit_code == 0, res.output
     assert f"engaged/auc {again['test']['engaged']['auc']:.4f}" in res.output and "liked/gauc" in res.output
+    # scored under an evaluation setting: metrics to --out, the run's own files untouched; the truncated-history
+    # slices treat every user as unseen, so reading m_u or not leaves them as they were
+    before = {f: (run / f).read_bytes() for f in ("metrics.json", "centres.json")}
+    alt = tmp_path / "no-memory.json"
+    res = CliRunner().invoke(app, ["evaluate", str(run), "--set", "model.uie.memory_at_eval=false", "--out", str(alt)])
+    assert res.exit_code == 0, res.output
+    scored = json.loads(alt.read_text())
+    assert scored["evaluated_with"] == ["model.uie.memory_at_eval=false"]
+    assert scored["cold_start"] == again["cold_start"] and "auc" in scored["test"]["engaged"]
+    assert {f: (run / f).read_bytes() for f in before} == before
+    # refused: overrides without --out, --out without overrides, an override that changes the weights' shapes
+    for args in (["--set", "model.uie.memory_at_eval=false"], ["--out", str(alt)],
+                 ["--set", "model.embed_dim=16", "--out", str(tmp_path / "x.json")]):
+        res = CliRunner().invoke(app, ["evaluate", str(run), *args])
+        assert res.exit_code == 2 and "error:" in res.output, (args, res.output)
+    assert "changes the model's shape" in res.output and not (tmp_path / "x.json").exists()
 
     # warm start: a PLE + UIE run from the trained one loads every tensor (memories included)
     warm = tmp_path / "warm"

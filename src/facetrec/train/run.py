@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import yaml
 
-from facetrec.config import Config, TrainConfig, _build, dump_config
+from facetrec.config import Config, TrainConfig, _build, apply_overrides, dump_config
 from facetrec.data.dataset import Prepared, retrieval_eval_set
 from facetrec.data.prepare import ensure_prepared
 from facetrec.errors import ConfigError
@@ -203,11 +203,11 @@ def _ranking_metrics(prep: Prepared, model, device) -> dict[str, Any]:
     return out
 
 
-def load_run_config(run_dir: str | Path) -> Config:
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass the run.dir of a `facetrec train`")
-    return _build(Config, yaml.safe_load(path.read_text()), "")
+    return _build(Config, apply_overrides(yaml.safe_load(path.read_text()), list(overrides or [])), "")
 
 
 def format_test_metrics(metrics: dict[str, Any]) -> str:
@@ -222,10 +222,21 @@ def format_test_metrics(metrics: dict[str, Any]) -> str:
     return "test " + " ".join(f"{k} {v:.4f}" for k, v in test.items())
 
 
-def evaluate(run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Recompute metrics.json of a finished run from its config and best weights."""
+def evaluate(run_dir: str | Path, progress: bool = True, overrides: list[str] | None = None,
+             out_path: str | Path | None = None) -> dict[str, Any]:
+    """Recompute metrics.json of a finished run from its config and best weights.
+
+    With `overrides` (e.g. an evaluation setting: `model.uie.memory_at_eval=false`, `train.top_m=100`)
+    the best weights are scored under the changed config and the metrics go to `out_path` (required
+    then): the run's own metrics.json and centres.json stay as trained. An override that changes the
+    model's shape is refused: the weights do not fit it.
+    """
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
+    overrides = list(overrides or [])
+    if overrides and out_path is None:
+        raise ConfigError("evaluating with overrides writes elsewhere than the run's metrics.json: give an output "
+                          "file too (facetrec evaluate RUN_DIR --set KEY=VALUE --out FILE.json)")
+    cfg = load_run_config(run_dir, overrides)
     name = model_name(cfg)
     prep = Prepared(ensure_prepared(cfg, verbose=progress))
     device = resolve_device(cfg.train.device)
@@ -248,15 +259,24 @@ def evaluate(run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
             from facetrec.train.ranking import ranking_model
 
             model = ranking_model(cfg, prep)
-        model.load_state_dict(load_checkpoint(best)["model"])
+        try:
+            model.load_state_dict(load_checkpoint(best)["model"])
+        except RuntimeError as e:
+            if not overrides:
+                raise
+            raise ConfigError(f"{best} does not fit the model of {run_dir}'s config with --set {' '.join(overrides)}: "
+                              f"an override changes the model's shape; only settings that leave the weights' shapes "
+                              f"alone can change at evaluation ({str(e).splitlines()[0]})") from None
         model.to(device)
         if name in MULTITASK:
             from facetrec.train.multitask import multitask_metrics
 
-            metrics = multitask_metrics(cfg, prep, model, device, run_dir)
+            metrics = multitask_metrics(cfg, prep, model, device, None if overrides else run_dir)
         else:
             metrics = (_retrieval_metrics(cfg, prep, model, device) if name in ("mind", "youtubednn")
                        else _ranking_metrics(prep, model, device))
     out = {**old, "model": name, "dataset": cfg.data.name, **metrics}
-    write_json(run_dir / "metrics.json", out)
+    if overrides:
+        out["evaluated_with"] = overrides
+    write_json(Path(out_path) if out_path is not None else run_dir / "metrics.json", out)
     return out
