@@ -66,6 +66,22 @@ def report(runs, tmp_path_factory):
     return out
 
 
+def test_evaluate_scores_a_retrieval_run_under_a_changed_setting_without_touching_the_run(runs, tmp_path):
+    from facetrec.cli import app
+
+    run = runs["mind-s0"]
+    before = (run / "metrics.json").read_bytes()
+    out = tmp_path / "top20.json"
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--set", "train.top_m=20", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "\ntest recall@20 " in result.output and f"wrote {out}" in result.output
+    scored = json.loads(out.read_text())
+    assert scored["evaluated_with"] == ["train.top_m=20"] and 0 <= scored["test"]["recall@50"] <= 1
+    assert (run / "metrics.json").read_bytes() == before
+    bad = CliRunner().invoke(app, ["evaluate", str(run), "--set", "model.dim=32", "--out", str(tmp_path / "x.json")])
+    assert bad.exit_code == 2 and "changes the model's shape" in bad.output
+
+
 def test_a_run_records_the_settings_its_trainer_ignored(runs):
     # the common overrides above give DIEN train.n_negatives, which only the retrieval trainer reads
     dien = json.loads((runs["dien-s0"] / "metrics.json").read_text())
