@@ -116,12 +116,12 @@ def ours_loss(model: MIND, batches: list[RetrievalBatch], sampler: NegativeSampl
                                     negative_scores=negative_scores)
 
 
-def phase_ms(loss_of: Callable[[int], torch.Tensor], opt: torch.optim.Optimizer, steps: int, warmup: int) -> dict[str, float]:
-    """Mean ms per training step in forward + loss, backward and the optimizer step, timed with
-    perf_counter around each phase: no profiler overhead in the numbers (docs/benchmarks.md, "Where the
-    step's time goes")."""
+def phase_ms(loss_of: Callable[[int], torch.Tensor], opt: torch.optim.Optimizer, steps: int) -> dict[str, float]:
+    """Mean ms per training step in forward + loss, backward and the optimizer step over `steps` steps,
+    timed with perf_counter around each phase: no profiler overhead in the numbers (docs/benchmarks.md,
+    "Where the step's time goes"). A call with a few steps, its result dropped, is the warm-up."""
     tot = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
-    for i in range(warmup + steps):
+    for i in range(steps):
         t0 = time.perf_counter()
         loss = loss_of(i)
         t1 = time.perf_counter()
@@ -130,10 +130,9 @@ def phase_ms(loss_of: Callable[[int], torch.Tensor], opt: torch.optim.Optimizer,
         t2 = time.perf_counter()
         opt.step()
         t3 = time.perf_counter()
-        if i >= warmup:
-            for k, dt in zip(tot, (t1 - t0, t2 - t1, t3 - t2)):
-                tot[k] += dt
-    return {k: v / steps * 1e3 for k, v in tot.items()}
+        for k, dt in zip(tot, (t1 - t0, t2 - t1, t3 - t2)):
+            tot[k] += dt
+    return {k: v / max(steps, 1) * 1e3 for k, v in tot.items()}
 
 
 @contextlib.contextmanager
@@ -363,14 +362,15 @@ def main() -> None:
         mine = copy.deepcopy(ours)
         loss_of, opt = ours_loss(mine, batches, sampler, args.n_neg, args.in_batch, args.negative_scores), \
             make_optimizer(mine.parameters(), lr=1e-3)
-        phase_ms(loss_of, opt, args.warmup, 0)  # warm-up outside the item tower's timer
+        phase_ms(loss_of, opt, args.warmup)  # warm-up, outside the item tower's timer
         with timed_item_backward() as spent:
-            phases = {"facetrec MIND": phase_ms(loss_of, opt, 50, 0)}
+            phases = {"facetrec MIND": phase_ms(loss_of, opt, 50)}
         phases["facetrec MIND"]["of which item-tower backward"] = spent[0] / 50 * 1e3
         if peer is not None:
             theirs = copy.deepcopy(peer)
-            phases[peer.name] = phase_ms(theirs.loss(peer_inputs), torch.optim.Adam(theirs.model.parameters(), lr=1e-3),
-                                         50, args.warmup)
+            peer_loss, peer_opt = theirs.loss(peer_inputs), torch.optim.Adam(theirs.model.parameters(), lr=1e-3)
+            phase_ms(peer_loss, peer_opt, args.warmup)
+            phases[peer.name] = phase_ms(peer_loss, peer_opt, 50)
         res["phases_ms"] = phases
         print("ms per training step (50 steps, perf_counter around each phase; no weight average)")
         for name, ph in phases.items():
