@@ -222,6 +222,23 @@ def format_test_metrics(metrics: dict[str, Any]) -> str:
     return "test " + " ".join(f"{k} {v:.4f}" for k, v in test.items())
 
 
+# train.* keys that evaluation reads: the only ones `evaluate --set` may change (the rest shape training alone)
+EVAL_TRAIN_KEYS = ("top_m", "index", "index_params", "max_eval_users", "threads", "device")
+
+
+def check_eval_overrides(overrides: list[str]) -> None:
+    """Refuse `evaluate --set` keys that cannot change what evaluation computes: train.* settings that only
+    training reads (they would be recorded in `evaluated_with` and change nothing) and run.*."""
+    for o in overrides:
+        key = o.split("=", 1)[0].strip()
+        section, _, name = key.partition(".")
+        if section == "run" or (section == "train" and name.split(".")[0] not in EVAL_TRAIN_KEYS):
+            raise ConfigError(f"--set {o}: {key} is not read when a trained run is evaluated, so it would change "
+                              f"nothing; evaluation reads {', '.join('train.' + k for k in EVAL_TRAIN_KEYS)} and the "
+                              f"model.* / data.* settings that leave the weights' shapes alone (retrain with "
+                              f"facetrec train CONFIG --set {o} to change training)")
+
+
 def evaluate(run_dir: str | Path, progress: bool = True, overrides: list[str] | None = None,
              out_path: str | Path | None = None) -> dict[str, Any]:
     """Recompute metrics.json of a finished run from its config and best weights.
@@ -236,6 +253,7 @@ def evaluate(run_dir: str | Path, progress: bool = True, overrides: list[str] | 
     if overrides and out_path is None:
         raise ConfigError("evaluating with overrides writes elsewhere than the run's metrics.json: give an output "
                           "file too (facetrec evaluate RUN_DIR --set KEY=VALUE --out FILE.json)")
+    check_eval_overrides(overrides)
     cfg = load_run_config(run_dir, overrides)
     name = model_name(cfg)
     prep = Prepared(ensure_prepared(cfg, verbose=progress))
