@@ -414,3 +414,30 @@ def test_aux_shared_negatives_is_a_sampled_softmax_the_same_in_every_layout():
     assert parts["aux"] > 0 and torch.allclose(total, parts["bce"] + parts["aux"])
     with pytest.raises(ValueError, match="aux_shared_negatives"):
         DIENConfig(n_items=10, aux_shared_negatives=4, aux_net="mlp")
+
+
+def test_aux_horizon_scores_each_of_the_next_n_behaviours_the_same_in_every_layout():
+    """`aux_horizon` n: h_t against e_b[t+k] and the negative drawn for step t + k, for k = 1..n and every t + k
+    real; one mean over all pairs. Written out pair by pair; n = 1 is SPEC §3.2's loss."""
+    b = batch()  # lengths 3, 7, 1, 7, 5, 2
+    for n in (1, 2, 3, 20):
+        m = make(aux_alpha=1.0, aux_horizon=n, hidden=6)  # H != D: through aux_proj
+        h = m.interest_states(b)
+        terms = []
+        for i in range(len(b.hist)):
+            for t in range(b.hist.shape[1]):
+                for k in range(1, n + 1):
+                    if t + k < b.hist.shape[1] and b.hist_mask[i, t + k]:
+                        q = m.aux_proj(h[i, t])
+                        pos, neg = m.items(b.hist[i, t + k]), m.items(b.aux_neg[i, t + k])
+                        terms.append(F.logsigmoid(q @ pos) + F.logsigmoid(-(q @ neg)))
+        assert len(terms) == sum(max(0, int(L) - k) for L in b.hist_mask.sum(1) for k in range(1, n + 1))
+        want = -torch.stack(terms).mean()
+        assert torch.allclose(m.auxiliary_loss(b, h), want, atol=1e-6)
+        assert torch.allclose(m.logits_and_aux(b)[1], want, atol=1e-6)  # packed (the CPU's training pass)
+        m.layout = "padded"  # the GPU's
+        assert torch.allclose(m.logits_and_aux(padded(b, 9))[1], want, atol=1e-6)
+    with pytest.raises(ValueError, match="aux_horizon"):
+        DIENConfig(n_items=10, aux_horizon=0)
+    with pytest.raises(ValueError, match="aux_horizon"):
+        DIENConfig(n_items=10, aux_horizon=2, aux_shared_negatives=8)

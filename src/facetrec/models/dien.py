@@ -80,6 +80,7 @@ class DIENConfig:
     aux_net: str = "dot"  # DIEN auxiliary scorer: "dot" = h_t · e (paper, SPEC §3.2) | "mlp" = MLP (100, 50, sigmoid) over [h_t, e] (official TF code)
     aux_detach: bool = False  # DIEN: the auxiliary loss trains the extractor GRU only (e_b[t+1], ê_b[t+1] enter it as constants)
     aux_shared_negatives: int = 0  # DIEN: 0 = SPEC §3.2's binary loss (one negative per step); n > 0 = a sampled softmax of h_t · e_b[t+1] against the auxiliary negatives of the batch's first n rows' second event (shared by every step)
+    aux_horizon: int = 1  # DIEN: h_t scores each of the next n real behaviours e_b[t+k], k = 1..n, against the negative drawn for step t+k (1 = SPEC §3.2); one mean over all pairs
     pooled_product: bool = True  # DIEN: Σ e_b ∘ e_a also enters the output MLP (as in the official TF code; the base model's feature)
 
     def __post_init__(self) -> None:
@@ -100,6 +101,9 @@ class DIENConfig:
         if self.aux_shared_negatives < 0 or (self.aux_shared_negatives > 0 and self.aux_net != "dot"):
             raise ValueError(f"aux_shared_negatives {self.aux_shared_negatives} must be >= 0, and > 0 needs aux_net: dot "
                              "(the softmax scores every state against every shared negative by inner product)")
+        if self.aux_horizon < 1 or (self.aux_horizon > 1 and self.aux_shared_negatives > 0):
+            raise ValueError(f"aux_horizon {self.aux_horizon} must be >= 1 (1 = SPEC §3.2's next step), and > 1 needs "
+                             "aux_shared_negatives: 0 (the binary loss)")
 
 
 # ---------------------------------------------------------------- item and user embeddings
@@ -221,13 +225,21 @@ class Packed(NamedTuple):
         T = self.mask.shape[0]
         return x[self.order, :T].transpose(0, 1)[self.mask]
 
-    def pairs(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Packed indices (t, t + 1) of every position whose next step is real too: (M,), (M,)."""
+    def pairs(self, horizon: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Packed indices (t, t + k) of every position t and k = 1..horizon whose step t + k is real too:
+        (M,), (M,), k = 1's pairs first, then k = 2's, ..."""
         T, B = self.mask.shape
         pos = torch.full((T, B), -1, dtype=torch.long, device=self.mask.device)
         pos[self.mask] = torch.arange(len(self.row), device=self.mask.device)
-        nxt = self.mask[1:]  # (T-1, B): t + 1 real implies t real (left-aligned)
-        return pos[:-1][nxt], pos[1:][nxt]
+        src, dst = [], []
+        for k in range(1, min(horizon, T - 1) + 1):
+            nxt = self.mask[k:]  # (T-k, B): t + k real implies t real (left-aligned)
+            src.append(pos[:-k][nxt])
+            dst.append(pos[k:][nxt])
+        if not src:
+            empty = pos.new_empty(0)
+            return empty, empty
+        return torch.cat(src), torch.cat(dst)
 
 
 def lengths_of(mask: torch.Tensor) -> torch.Tensor:
@@ -723,7 +735,7 @@ class DIEN(nn.Module):
         p = pack(batch.hist_mask)
         ids = [p.take(batch.hist), batch.target[p.order]]  # (P,), (B,)
         if with_aux:
-            src, dst = p.pairs()  # (M,), (M,): t and t + 1 of the same row, both real
+            src, dst = p.pairs(self.cfg.aux_horizon)  # (M,), (M,): t and t + k of the same row, both real
             ids += [p.take(batch.aux_neg).index_select(0, dst)]  # (M,)
         # one lookup for all ids: one dense embedding gradient per step instead of three
         parts = self.items(torch.cat(ids)).split([len(x) for x in ids])
@@ -778,8 +790,12 @@ class DIEN(nn.Module):
         if self.cfg.aux_shared_negatives > 0 and T > 1:  # step 1 of each row (the first B pairs), batch order
             use = (w[:B] > 0) & (torch.arange(B, device=w.device) < self.cfg.aux_shared_negatives)
             shared = (parts[2][:B], ids[2][:B], use)
-        terms = self._aux_terms(h[:len(w)], e[B:], parts[2], ids[0][B:], shared)  # ((T-1) B,)
-        return logits, -(terms * w).sum() / w.sum().clamp(min=1.0)
+        total, count = h.new_zeros(()), w.new_zeros(())
+        for k in range(1, min(self.cfg.aux_horizon, T - 1) + 1):  # pairs (t, t + k): step t + k's negative
+            wk = m[k * B:]  # ((T-k) B,)
+            terms = self._aux_terms(h[:len(wk)], e[k * B:], parts[2][(k - 1) * B:], ids[0][k * B:], shared)
+            total, count = total + (terms * wk).sum(), count + wk.sum()
+        return logits, -total / count.clamp(min=1.0)
 
     # ---------------------------------------------------------------- public
 
@@ -797,18 +813,21 @@ class DIEN(nn.Module):
         return unpack(self._extract(self.items(p.take(batch.hist)), p), p, batch.hist.shape[1])
 
     def auxiliary_loss(self, batch: RankingBatch, h: torch.Tensor) -> torch.Tensor:
-        """SPEC §3.2: −mean[log σ(h_t · e_b[t+1]) + log(1 − σ(h_t · ê_b[t+1]))] over t whose t + 1 is real.
+        """SPEC §3.2: −mean[log σ(h_t · e_b[t+1]) + log(1 − σ(h_t · ê_b[t+1]))] over t whose t + 1 is real
+        (with `aux_horizon` n: over the pairs (t, t + k), k = 1..n, whose t + k is real, ê_b[t+k] the negative).
 
         Args:
             batch: the batch h was computed from (its history and aux_neg give e_b and ê_b).
             h: interest states (B, T, H), e.g. `interest_states(batch)`.
         """
         mask = batch.hist_mask.bool()
-        nxt = mask[:, 1:]  # (B, T-1): t + 1 real implies t real (left-aligned)
-        if not nxt.any():
+        horizon = range(1, min(self.cfg.aux_horizon, mask.shape[1] - 1) + 1)
+        if not mask[:, 1:].any():
             return h.sum() * 0.0
-        ht = h[:, :-1][nxt]  # (M, H)
-        nid, neg_id = batch.hist[:, 1:][nxt], batch.aux_neg[:, 1:][nxt]  # (M,), (M,)
+        nxt = [mask[:, k:] for k in horizon]  # (B, T-k): t + k real implies t real (left-aligned)
+        ht = torch.cat([h[:, :-k][n] for k, n in zip(horizon, nxt)])  # (M, H)
+        nid = torch.cat([batch.hist[:, k:][n] for k, n in zip(horizon, nxt)])  # (M,)
+        neg_id = torch.cat([batch.aux_neg[:, k:][n] for k, n in zip(horizon, nxt)])  # (M,)
         shared = None
         if self.cfg.aux_shared_negatives > 0:
             ids_s = batch.aux_neg[:, 1]  # (B,): each row's second event's negative
