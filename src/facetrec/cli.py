@@ -120,11 +120,14 @@ def evaluate(
 def export(
     retrieval: Path = typer.Option(..., help="Run directory of a mind / youtubednn training."),
     out: Path = typer.Option(..., help="Artifact root; a new version is written under it and made current."),
-    ranking: Optional[Path] = typer.Option(None, help="Run directory of a dien / din / base training."),
+    ranking: Optional[Path] = typer.Option(None, help="Run directory of a dien / din / base training, or of a multi-task "
+                                                       "ple / ple-uie one (the cold-start ranker)."),
     index: Optional[str] = typer.Option(None, help="ANN index kind: exact | hnsw | ivf | ivfpq (default: the run's train.index)."),
     index_param: Optional[List[str]] = typer.Option(None, "--index-param", help="Index parameter KEY=VALUE, e.g. efSearch=256 or space=l2 (hnsw) (repeatable)."),
     top_m: Optional[int] = typer.Option(None, help="Candidates per interest from the index (default: the run's train.top_m)."),
     candidates: int = typer.Option(200, help="Merged candidates the ranker scores per request."),
+    rank_task: Optional[str] = typer.Option(None, help="Multi-task ranker only: the task whose probability orders the "
+                                                       "results (default: its first, engaged / click)."),
 ) -> None:
     """Package trained runs as a versioned, verified serving artifact."""
     from facetrec.serving.export import export as run_export
@@ -140,7 +143,7 @@ def export(
                 v = v.strip()
                 params[k.strip()] = int(v) if v.lstrip("-").isdigit() else v  # the index checks names and values
         version = run_export(retrieval, out, ranking, index_kind=index, index_params=params, candidates=candidates,
-                             top_m=top_m)
+                             top_m=top_m, rank_task=rank_task)
     except FacetrecError as e:
         _fail(e)
     typer.echo(f"exported {version}")

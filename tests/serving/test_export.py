@@ -95,7 +95,7 @@ def test_export_refuses_wrong_roles_and_unfinished_runs(tiny, tmp_path, monkeypa
     monkeypatch.setenv("FACETREC_CACHE", str(tiny.cache))
     with pytest.raises(ConfigError, match="must be mind or youtubednn"):
         export(tiny.dien, tmp_path / "a")
-    with pytest.raises(ConfigError, match="must be dien, din or base"):
+    with pytest.raises(ConfigError, match="must be dien, din, base, ple or ple-uie"):
         export(tiny.mind, tmp_path / "a", tiny.mind)
     with pytest.raises(ConfigError, match="not a run directory"):
         export(tmp_path, tmp_path / "a")

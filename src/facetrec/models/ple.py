@@ -309,13 +309,21 @@ class PLE(nn.Module):
 
     @torch.no_grad()
     def score_candidates(self, hist: torch.Tensor, hist_mask: torch.Tensor, candidates: torch.Tensor,
-                         user: Optional[int] = None) -> torch.Tensor:
-        """Serving: logits (N, K) of N candidates for one history (T,) or (1, T)."""
+                         user: Optional[int] = None, n_events: Optional[int] = None) -> torch.Tensor:
+        """Serving: logits (N, K) of N candidates for one history (T,) or (1, T).
+
+        `n_events` is the user's whole history length (the activity feature and UIE's bucket read it,
+        as training's samples give it, not capped at T); default: the real positions of `hist`."""
         N = candidates.shape[0]
+        dev = candidates.device
         h = hist.reshape(1, -1).expand(N, -1)
-        b = RankingBatch(user=torch.full((N,), 0 if user is None else int(user), dtype=torch.long, device=candidates.device),
-                         hist=h, hist_mask=hist_mask.reshape(1, -1).bool().expand(N, -1), aux_neg=h, target=candidates,
-                         label=torch.zeros(N, device=candidates.device))
+        m = hist_mask.reshape(1, -1).bool().expand(N, -1)
+        n = int(m[0].sum()) if n_events is None else int(n_events)
+        b = MultiTaskBatch(user=torch.full((N,), 0 if user is None else int(user), dtype=torch.long, device=dev),
+                           hist=h, hist_mask=m, aux_neg=h, target=candidates, label=torch.zeros(N, device=dev),
+                           labels=torch.zeros(N, len(self.cfg.tasks), device=dev),
+                           label_mask=torch.zeros(N, len(self.cfg.tasks), dtype=torch.bool, device=dev),
+                           n_events=torch.full((N,), n, dtype=torch.long, device=dev))
         return self(b)
 
 

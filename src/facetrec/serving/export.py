@@ -25,7 +25,7 @@ from facetrec.data.prepare import ensure_prepared
 from facetrec.errors import ConfigError
 from facetrec.io import write_json
 from facetrec.serving.artifacts import write_version
-from facetrec.train.build import make_config, model_spec
+from facetrec.train.build import MULTITASK, make_config, model_spec
 from facetrec.train.loop import load_checkpoint
 from facetrec.train.run import load_run_config, model_name
 
@@ -45,8 +45,13 @@ def _load_run(run_dir: Path, prep: Prepared | None = None):
     if not best.exists():
         raise ConfigError(f"{run_dir} has no best.pt: train it first (facetrec train ... --set run.dir={run_dir})")
     prep = prep or Prepared(ensure_prepared(cfg, verbose=False))
-    params = {k: v for k, v in cfg.model.items() if k != "name"}
-    mcfg = make_config(name, params, prep.n_items)
+    if name in MULTITASK:  # tasks and n_users come from the data, as in training
+        from facetrec.train.multitask import model_config
+
+        _, mcfg = model_config(cfg, prep)
+    else:
+        params = {k: v for k, v in cfg.model.items() if k != "name"}
+        mcfg = make_config(name, params, prep.n_items)
     model = build_model(name, mcfg, prep.feature_tensors(), prep.field_vocab)
     model.load_state_dict(load_checkpoint(best)["model"])
     model.eval()
@@ -61,11 +66,13 @@ def _save_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def export(retrieval_run: str | Path, out: str | Path, ranking_run: str | Path | None = None,
-           index_kind: str | None = None, index_params: dict[str, Any] | None = None, candidates: int = 200, top_m: int | None = None) -> Path:
+           index_kind: str | None = None, index_params: dict[str, Any] | None = None, candidates: int = 200, top_m: int | None = None,
+           rank_task: str | None = None) -> Path:
     """Write a new artifact version under `out` and make it current; returns its directory.
 
     Args:
-        retrieval_run, ranking_run: run directories of `facetrec train` (mind | youtubednn; dien | din | base).
+        retrieval_run, ranking_run: run directories of `facetrec train` (mind | youtubednn; dien | din | base,
+            or the multi-task ple | ple-uie).
         index_kind, index_params: ANN index (default: the retrieval run's train.index / index_params).
         candidates: how many merged retrieval candidates the ranker scores per request.
         top_m: candidates per interest from the ANN index (default: the retrieval run's train.top_m).
@@ -90,8 +97,12 @@ def export(retrieval_run: str | Path, out: str | Path, ranking_run: str | Path |
             raise ConfigError(f"{ranking_run} was trained on other prepared data than {retrieval_run} "
                               f"(feature maps differ); train both from the same data config")
         ranking = _load_run(ranking_run, prep)
-        if ranking[1] not in ("dien", "din", "base"):
-            raise ConfigError(f"--ranking {ranking_run} is a {ranking[1]} run; it must be dien, din or base")
+        if ranking[1] not in ("dien", "din", "base", *MULTITASK):
+            raise ConfigError(f"--ranking {ranking_run} is a {ranking[1]} run; it must be dien, din, base, ple or ple-uie")
+    tasks = list(ranking[2].tasks) if ranking is not None and ranking[1] in MULTITASK else []
+    if rank_task is not None and rank_task not in tasks:
+        raise ConfigError(f"--rank-task {rank_task}: " + (f"the ranking run's tasks are {', '.join(tasks)}" if tasks else
+                          "only a multi-task ranking run (ple, ple-uie) has tasks to choose from"))
     if top_m is not None and top_m < 1 or candidates < 1:
         raise ConfigError(f"top_m ({top_m}) and candidates ({candidates}) must be >= 1")
     kind = index_kind or rcfg.train.index
@@ -114,6 +125,8 @@ def export(retrieval_run: str | Path, out: str | Path, ranking_run: str | Path |
             _save_weights(kmodel, d / "ranking.safetensors")
             parts["ranking"] = {"model": kname, "run": str(ranking_run), "feature_map_sha256": fm_hash,
                                 "candidates": candidates}
+            if tasks:
+                parts["ranking"]["task"] = rank_task or tasks[0]
         return {"parts": parts, "index": {"kind": kind, "params": dict(index.params), "items": int(len(ids)), "dim": int(vectors.shape[1])},
                 "dataset": prep.feature_map.get("dataset")}
 

@@ -2,6 +2,8 @@
 
     history (raw item ids) -> internal ids -> MIND interests (K'_u valid) -> ANN top-M per interest
       -> merge by max over interests (seen items excluded) -> DIEN scores the candidates -> top-N
+    (or a multi-task PLE / PLE + UIE ranker: its task chosen at export orders them; UIE's user memories
+    and centres come with its weights, so users the training log never saw read their nearest centres)
 
 Each result carries the interest that retrieved it and the behaviours routed most strongly to
 that interest (the last-iteration B2I routing weights, `MIND.route(...).weights`, ranked by
@@ -137,6 +139,16 @@ class Pipeline:
             raise ArtifactError(f"{d / 'index.faiss'} holds {self.index.ntotal} vectors of dim {self.index.dim}, but the "
                                 f"catalogue has {self.n_items - 1} items and the retrieval model dim {dim}: "
                                 f"index and model come from different exports; export again")
+        # a multi-task ranker (PLE, PLE + UIE) gives one logit per task: the export chose the one that orders
+        self.rank_task: str | None = None
+        self._task_col = 0
+        tasks = list(getattr(getattr(self.ranking, "cfg", None), "tasks", ()) or ())
+        if tasks:
+            self.rank_task = str(parts["ranking"].get("task", tasks[0]))
+            if self.rank_task not in tasks:
+                raise ArtifactError(f"{d / 'manifest.json'}: the ranking task {self.rank_task!r} is not one of the ranking "
+                                    f"model's tasks ({', '.join(tasks)}); export again with --rank-task")
+            self._task_col = tasks.index(self.rank_task)
         self.top_m = int(parts["retrieval"].get("top_m", 200))
         self.n_candidates = int(parts.get("ranking", {}).get("candidates", 200))
         self._users: dict[str, int] | None = None
@@ -250,7 +262,12 @@ class Pipeline:
         ids, scores, which = ids[0][keep], scores[0][keep], which[0][keep]
         final = scores.astype(np.float64)
         if self.ranking is not None and len(ids):
-            logits = self.ranking.score_candidates(h[0], m[0], torch.from_numpy(ids).to(self.device), user=uid)  # (N,)
+            cand = torch.from_numpy(ids).to(self.device)
+            if self.rank_task is None:
+                logits = self.ranking.score_candidates(h[0], m[0], cand, user=uid)  # (N,)
+            else:  # (N, K) -> the export's task; the whole history's length, as training's samples give it
+                n_all = max(int(n_events) if n_events is not None else len(hist), h.shape[1])
+                logits = self.ranking.score_candidates(h[0], m[0], cand, user=uid, n_events=n_all)[:, self._task_col]
             final = torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64)
         order = np.argsort(-final, kind="stable")[:n]
         why = self._explain(r, self._recent(hist))
