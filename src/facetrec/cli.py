@@ -160,6 +160,10 @@ def serve(
         None, "--search-param", help="Index search parameter KEY=INT without re-exporting: efSearch (hnsw), nprobe (ivf, ivfpq)."),
     device: str = typer.Option("cpu", help="Where the models run: cpu (default: one request is a few small kernels, "
                                           "the CPU answers sooner), cuda or auto."),
+    reload_every: float = typer.Option(0.0, "--reload-every", help="Seconds between looks at the artifact root's CURRENT: "
+                                       "a new export is loaded, verified and swapped in without a restart; one that "
+                                       "fails to load is reported on /readyz and the old one keeps serving "
+                                       "(0 = off; needs the artifact root, not a version directory)."),
 ) -> None:
     """Serve recommendations over HTTP (FastAPI + uvicorn): POST /recommend, POST /events, GET /users/{id}/interests."""
     import os
@@ -178,6 +182,9 @@ def serve(
         if not key or not value.strip().isdigit():
             _fail(FacetrecError(f"--search-param {kv!r}: write KEY=INT, e.g. efSearch=1024"))
         params[key.strip()] = int(value)
+    if reload_every < 0 or (reload_every > 0 and not (artifact / "CURRENT").exists()):
+        _fail(FacetrecError(f"--reload-every {reload_every:g}: give a number of seconds >= 0, and the artifact root "
+                            f"(the folder with CURRENT) rather than a version directory, so that new exports can be found"))
     try:
         version = resolve_version(artifact)
         Pipeline(version, search_params=params, device=device)  # refuse a broken or inconsistent artifact before starting workers
@@ -190,6 +197,8 @@ def serve(
     os.environ["FACETREC_STORE"] = store
     os.environ["FACETREC_SEARCH_PARAMS"] = json.dumps(params)
     os.environ["FACETREC_DEVICE"] = device
+    os.environ["FACETREC_ARTIFACT_ROOT"] = str(artifact) if reload_every > 0 else ""
+    os.environ["FACETREC_RELOAD_EVERY"] = str(reload_every)
     uvicorn.run("facetrec.serving.app:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level="warning", limit_concurrency=512, timeout_keep_alive=30)
 

@@ -107,14 +107,14 @@ def tiny_pipeline(tiny):
 class Server:
     """`facetrec serve` as a subprocess on a free loopback port (its own process group)."""
 
-    def __init__(self, artifact: Path, store: str, log: Path) -> None:
+    def __init__(self, artifact: Path, store: str, log: Path, extra: tuple[str, ...] = ()) -> None:
         import sys
 
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(log, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "facetrec", "serve", str(artifact), "--store", store,
-                                      "--port", str(self.port)], stdout=self._log, stderr=subprocess.STDOUT,
+                                      "--port", str(self.port), *extra], stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
     def wait_ready(self, timeout: float = 90) -> None:
@@ -156,11 +156,11 @@ class Server:
 
 @pytest.fixture
 def start_server(tmp_path):
-    """start_server(artifact, store_url) -> a ready Server; all are stopped at teardown."""
+    """start_server(artifact, store_url[, extra CLI args]) -> a ready Server; all are stopped at teardown."""
     started: list[Server] = []
 
-    def start(artifact: Path, store: str, wait: bool = True) -> Server:
-        s = Server(artifact, store, tmp_path / f"server{len(started)}.log")
+    def start(artifact: Path, store: str, wait: bool = True, extra: tuple[str, ...] = ()) -> Server:
+        s = Server(artifact, store, tmp_path / f"server{len(started)}.log", extra)
         started.append(s)
         if wait:
             s.wait_ready()

@@ -4,7 +4,8 @@
     POST /events                batch ingest; 200 only once the events are durable; a repeated event id is stored once
     GET  /users/{id}/interests  the user's interests and the behaviours routed to each
     GET  /healthz               the process is up
-    GET  /readyz                artifact loaded and the store reachable (503 otherwise)
+    GET  /readyz                artifact loaded and the store reachable (503 otherwise); names the version served
+                                and, when a newer export failed to load, why (`reload_error`)
     GET  /metrics               Prometheus text format (per worker process)
 
 What each kind of input gets (every case has a test in tests/serving/test_app.py; never a 500):
@@ -239,8 +240,86 @@ class BodyGuard:
         return None, replay
 
 
-def create_app(pipeline: Pipeline, store: UserStore) -> FastAPI:
-    """The FastAPI app over one loaded pipeline and one store (each worker process builds its own)."""
+class LivePipeline:
+    """The pipeline a worker serves, switched to a new export when its artifact root's CURRENT changes.
+
+    `check()` looks at CURRENT once: a version other than the one loaded is loaded and verified in
+    full (as `facetrec serve` does at start, warm-up included) while the old one keeps answering,
+    then swapped in by one assignment. Each request reads `pipeline` once, so it runs on one version
+    from start to end. A version that fails to load is reported (`error`, /readyz, /metrics, the
+    log) and not tried again until CURRENT names another one; the old version stays live.
+    `start()` runs `check()` every `every` seconds on a daemon thread.
+
+    Args:
+        pipeline: the version loaded at start.
+        root: the artifact root whose CURRENT is watched (None: never reload).
+        load: version directory -> ready Pipeline (raises on a broken or inconsistent version).
+        every: seconds between looks at CURRENT (0 = only when `check()` is called).
+    """
+
+    def __init__(self, pipeline: Pipeline, root: Optional[Any] = None, load: Optional[Any] = None,
+                 every: float = 0.0) -> None:
+        self.pipeline = pipeline
+        self.root = root
+        self.every = float(every)
+        self.error: Optional[str] = None
+        self.reloads = {"ok": 0, "failed": 0}
+        self._load = load or (lambda version: Pipeline(version))
+        self._failed: Optional[str] = None
+
+    def check(self) -> bool:
+        """Load and swap in the version CURRENT names, if it is new; True when one was swapped in."""
+        import logging
+        from pathlib import Path
+
+        from facetrec.serving.artifacts import resolve_version
+
+        if self.root is None:
+            return False
+        try:
+            version = resolve_version(self.root)
+        except FacetrecError as e:
+            self.error = f"{e} (still serving {self.pipeline.version})"
+            return False
+        if Path(version).resolve() == Path(self.pipeline.version_dir).resolve() or str(version) == self._failed:
+            return False
+        try:
+            new = self._load(version)
+            if new.raw_int != self.pipeline.raw_int:
+                raise FacetrecError(f"its ids are {'integers' if new.raw_int else 'strings'}, the running server's "
+                                    f"request schema takes {'integers' if self.pipeline.raw_int else 'strings'}: "
+                                    f"restart the server to switch")
+        except Exception as e:  # any failure keeps the old version live
+            self._failed = str(version)
+            self.error = f"version {Path(version).name} not loaded: {e} (still serving {self.pipeline.version})"
+            self.reloads["failed"] += 1
+            logging.getLogger("facetrec.serving").error(self.error)
+            return False
+        self.pipeline, self.error, self._failed = new, None, None
+        self.reloads["ok"] += 1
+        return True
+
+    def start(self) -> None:
+        """Look at CURRENT every `every` seconds on a daemon thread (nothing when every <= 0 or no root)."""
+        import threading
+
+        if self.root is None or self.every <= 0:
+            return
+
+        def loop() -> None:
+            while True:
+                time.sleep(self.every)
+                self.check()
+
+        threading.Thread(target=loop, name="facetrec-reload", daemon=True).start()
+
+
+def create_app(pipeline: Union[Pipeline, LivePipeline], store: UserStore) -> FastAPI:
+    """The FastAPI app over one loaded pipeline and one store (each worker process builds its own).
+
+    With a LivePipeline the app serves whichever version it holds when a request starts."""
+    live = pipeline if isinstance(pipeline, LivePipeline) else LivePipeline(pipeline)
+    pipeline = live.pipeline  # the request schema (id type, examples) comes from the version loaded at start
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
     int_ids = pipeline.raw_int
@@ -254,6 +333,18 @@ def create_app(pipeline: Pipeline, store: UserStore) -> FastAPI:
     events_total = Counter("facetrec_events_stored_total", "Events durably stored", registry=registry)
     dups_total = Counter("facetrec_events_duplicate_total", "Events whose id was already stored", registry=registry)
     paths = Counter("facetrec_recommend_path_total", "Recommendations by path", ["path"], registry=registry)
+
+    class Reloads:  # read from the LivePipeline at each scrape
+        def collect(self):
+            from prometheus_client.core import CounterMetricFamily
+
+            c = CounterMetricFamily("facetrec_artifact_reloads", "New exports loaded (ok) or refused (failed) while serving",
+                                    labels=["result"])
+            for result, n in live.reloads.items():
+                c.add_metric([result], n)
+            yield c
+
+    registry.register(Reloads())
     known = {"/recommend", "/events", "/healthz", "/readyz", "/metrics"}
 
     def observe(path: str, status: int, seconds: float) -> None:
@@ -293,6 +384,7 @@ def create_app(pipeline: Pipeline, store: UserStore) -> FastAPI:
     @app.post("/recommend", response_model=RecommendResponse, responses=ERRORS)
     def recommend(req: RecommendRequest) -> RecommendResponse:  # type: ignore[valid-type]
         """Top-n items: recall with each of the user's interests, rank the merged candidates, explain each."""
+        pipeline = live.pipeline  # one version for the whole request
         if req.n > pipeline.n_items - 1:
             return _error(422, f"n = {req.n} is larger than the catalogue ({pipeline.n_items - 1} items)")
         if req.history is not None:
@@ -313,6 +405,7 @@ def create_app(pipeline: Pipeline, store: UserStore) -> FastAPI:
     @app.post("/events", response_model=EventsResponse, responses=ERRORS)
     def events(req: EventsRequest) -> EventsResponse:  # type: ignore[valid-type]
         """Append behaviours to users' sequences; answers only after they are durable."""
+        pipeline = live.pipeline
         now = time.time()
         last: dict[str, int] = {}
         for k, e in enumerate(req.events):
@@ -335,6 +428,7 @@ def create_app(pipeline: Pipeline, store: UserStore) -> FastAPI:
     @app.get("/users/{user_id}/interests", response_model=InterestsResponse, responses={422: ERRORS[422]})
     def interests(user_id: id_type) -> InterestsResponse:  # type: ignore[valid-type]
         """The user's K'_u interests: strength (capsule length) and the behaviours routed most strongly to each."""
+        pipeline = live.pipeline
         if int_ids and not 0 <= user_id < 2**63:
             return _error(422, f"user_id {user_id} must be in [0, 2^63)")
         if not int_ids and not 1 <= len(user_id) <= 256:
@@ -360,7 +454,11 @@ def create_app(pipeline: Pipeline, store: UserStore) -> FastAPI:
             ok = False
         if not ok:
             return _error(503, "user-state store not reachable")
-        return {"status": "ready", "artifact": pipeline.version, "items": pipeline.n_items - 1}
+        p = live.pipeline
+        out = {"status": "ready", "artifact": p.version, "items": p.n_items - 1}
+        if live.error is not None:  # a newer export failed to load; this one still serves
+            out["reload_error"] = live.error
+        return out
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics():
@@ -391,8 +489,16 @@ def app_from_env() -> FastAPI:
         pass
     import json
 
-    pipeline = Pipeline(os.environ["FACETREC_ARTIFACT"], search_params=json.loads(os.environ.get("FACETREC_SEARCH_PARAMS", "{}")),
-                        device=os.environ.get("FACETREC_DEVICE", "cpu"))
-    pipeline.warm_up()
+    params = json.loads(os.environ.get("FACETREC_SEARCH_PARAMS", "{}"))
+    device = os.environ.get("FACETREC_DEVICE", "cpu")
+
+    def load(version) -> Pipeline:
+        p = Pipeline(version, search_params=params, device=device)
+        p.warm_up()
+        return p
+
+    live = LivePipeline(load(os.environ["FACETREC_ARTIFACT"]), root=os.environ.get("FACETREC_ARTIFACT_ROOT") or None,
+                        load=load, every=float(os.environ.get("FACETREC_RELOAD_EVERY", "0")))
+    live.start()
     store = open_store(os.environ.get("FACETREC_STORE", "sqlite:///runs/state.db"))
-    return create_app(pipeline, store)
+    return create_app(live, store)
