@@ -203,6 +203,35 @@ def serve(
                 log_level="warning", limit_concurrency=512, timeout_keep_alive=30)
 
 
+@app.command("dump-events")
+def dump_events(
+    store: str = typer.Option(..., help="The server's store: sqlite:///path/state.db or redis://host:port/0."),
+    out: Path = typer.Option(..., help="TSV to write (user_id, item_id, timestamp, with a header)."),
+) -> None:
+    """Write every event the service has stored to a TSV, to retrain on it (data.extra_events)."""
+    from facetrec.serving.store import dump_events as run_dump, open_store
+
+    try:
+        s = open_store(store, must_exist=True)
+    except FacetrecError as e:
+        _fail(e)
+    except Exception as e:  # e.g. redis not reachable
+        _fail(RuntimeError(f"store {store!r} cannot be opened: {e}"))
+    try:
+        n, users, skipped = run_dump(s, out)
+    except FacetrecError as e:
+        _fail(e)
+    except Exception as e:  # e.g. redis not reachable: its client connects on first use
+        _fail(RuntimeError(f"store {store!r} cannot be read: {e}"))
+    finally:
+        s.close()
+    typer.echo(f"wrote {n} events of {users} users to {out}")
+    if skipped:
+        typer.secho(f"warning: {skipped} events skipped: their user or item id holds a tab or a line break", err=True,
+                    fg=typer.colors.YELLOW)
+    typer.echo(f"retrain on them with: facetrec train CONFIG --set 'data.extra_events=[{out}]'")
+
+
 @app.command()
 def report(
     run_dirs: List[Path] = typer.Argument(..., help="Run directories written by `facetrec train` (seeds and models overlay)."),

@@ -68,6 +68,7 @@ class DataConfig:
     behaviors: tuple[str, ...] = ()  # keep only these behaviours (empty = all)
     metadata: str = ""  # amazon: optional metadata file (JSON lines with asin + categories)
     movies: str = ""  # movielens: optional movies.dat / movies.csv with genres
+    extra_events: tuple[str, ...] = ()  # served events to add to the log: TSVs written by `facetrec dump-events` (user_id, item_id, timestamp); a row the log already holds is dropped
 
 
 @dataclass(frozen=True)

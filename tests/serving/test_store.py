@@ -78,3 +78,30 @@ def test_two_processes_share_redis(redis_url):
 def test_bad_store_url():
     with pytest.raises(ConfigError, match="sqlite:///"):
         open_store("postgres://x")
+
+
+def test_events_lists_every_users_events_in_arrival_order(store):
+    store.append([Event("e1", "u", "a", 10), Event("e2", "v", "c", 5), Event("e3", "u", "b", 20)])
+    store.append([Event("e4", "u:events", "d", 7), Event("e5", "u", "old", 3), Event("e1", "u", "a", 10)])
+    store.set_memory("u", b"\x00")  # a memory is not an event
+    got = list(store.events(chunk=2))  # chunks smaller than a user's list
+    by_user: dict[str, list] = {}
+    for user, item, ts in got:
+        by_user.setdefault(user, []).append((item, ts))
+    assert by_user == {"u": [("a", 10), ("b", 20), ("old", 3)], "v": [("c", 5)], "u:events": [("d", 7)]}
+    users = [u for u, _, _ in got]
+    runs = [u for k, u in enumerate(users) if k == 0 or users[k - 1] != u]
+    assert len(got) == 5 and len(runs) == len(set(users))  # one user's events come together
+
+
+def test_dump_events_writes_the_tsv_data_extra_events_reads(store, tmp_path):
+    from facetrec.serving.store import dump_events
+
+    store.append([Event("e1", "u1", "i1", 10), Event("e2", "u1", "i2", 20), Event("e3", "u\t2", "i1", 5),
+                  Event("e4", "u3", "i3", 30)])
+    out = tmp_path / "served" / "events.tsv"
+    assert dump_events(store, out) == (3, 2, 1)  # the id with a tab cannot be written: skipped and counted
+    lines = out.read_text().splitlines()
+    assert lines[0] == "user_id\titem_id\ttimestamp"
+    assert sorted(lines[1:]) == ["u1\ti1\t10", "u1\ti2\t20", "u3\ti3\t30"]
+    assert not [p for p in out.parent.iterdir() if p.name != "events.tsv"]  # no temp file left

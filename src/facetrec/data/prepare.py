@@ -328,13 +328,16 @@ def prepared_key(cfg: Config) -> str:
     from facetrec.config import resolve_data_root
 
     h = hashlib.sha256()
-    h.update(json.dumps({"data": cfg.to_dict()["data"], "prepare": cfg.to_dict()["prepare"], "v": FORMAT_VERSION,
+    data = cfg.to_dict()["data"]
+    if not data["extra_events"]:
+        del data["extra_events"]  # the keys of data prepared before the setting existed stay valid
+    h.update(json.dumps({"data": data, "prepare": cfg.to_dict()["prepare"], "v": FORMAT_VERSION,
                          "ranking_signals": 1},  # ranking.parquet carries rating / behavior columns
                         sort_keys=True).encode())
     root = resolve_data_root(cfg.data.root)
     names = [cfg.data.interactions, cfg.data.metadata, cfg.data.movies, *[t.file for t in cfg.data.item_tables]]
-    for name in filter(None, names):
-        path = root / name
+    extra = [Path(os.path.expandvars(os.path.expanduser(n))) for n in cfg.data.extra_events]
+    for path in [root / n for n in filter(None, names)] + extra:
         if not path.exists():
             continue
         st = path.stat()

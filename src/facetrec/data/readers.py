@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -58,7 +59,42 @@ def read_log(cfg: DataConfig, lenient: bool = False) -> RawLog:
             f"data.root {str(root)!r} is not a directory; point it at the dataset's folder, "
             f"e.g. --set data.root=/path/to/{cfg.name} (or set $FACETREC_DATA for ../shared/data)"
         )
-    return readers[cfg.format](cfg, root, lenient)
+    log = readers[cfg.format](cfg, root, lenient)
+    for name in cfg.extra_events:
+        log = add_served_events(log, Path(os.path.expandvars(os.path.expanduser(name))), lenient)
+    return log
+
+
+SERVED_COLUMNS = ("user_id", "item_id", "timestamp")  # what `facetrec dump-events` writes (tab-separated, header)
+
+
+def add_served_events(log: RawLog, path: Path, lenient: bool = False) -> RawLog:
+    """Append the events of a `facetrec dump-events` file to a log read from any format.
+
+    A row whose (user, item, timestamp) the log already holds is dropped (a store preloaded with
+    the training histories dumps them again) and counted under skipped. Served events carry no
+    rating or behaviour, so a log that has either column is refused. Appended rows sort after the
+    log's own at equal timestamps (their line numbers continue the log's).
+    """
+    for col, what in (("rating", "data.rating"), ("behavior", "data.behavior")):
+        if col in log.events.columns:
+            raise DataError(f"data.extra_events {path}: served events carry no {col}, but this log reads one ({what}); "
+                            f"retraining on served events works for click-only logs (leave data.extra_events empty here)")
+    df = read_table(path, "\t", True, (), what="served events")
+    _require(df, list(SERVED_COLUMNS), path, "the columns `facetrec dump-events` writes")
+    ev = _events_from(df, path, dict(zip(("user", "item", "time"), SERVED_COLUMNS)), len(SERVED_COLUMNS), lenient, log.skipped)
+    read = ev.height
+    ev = ev.join(log.events.select("user", "item", "time"), on=["user", "item", "time"], how="anti", maintain_order="left")
+    dropped = read - ev.height
+    if dropped:
+        log.skipped["served event already in the log"] = log.skipped.get("served event already in the log", 0) + dropped
+    base = int(log.events[LINE].max() or 0) if log.events.height else 0
+    ev = ev.with_columns((pl.col(LINE) + base).alias(LINE))
+    extra = [c for c in log.events.columns if c not in ev.columns]  # item fields carried in the log: none here
+    ev = ev.with_columns([pl.lit(None, dtype=log.events.schema[c]).alias(c) for c in extra]).select(log.events.columns)
+    log.events = pl.concat([log.events, ev.cast(log.events.schema)])
+    log.files.append(path)
+    return log
 
 
 # ---------------------------------------------------------------- low-level table reading

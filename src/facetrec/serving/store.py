@@ -22,7 +22,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 from urllib.parse import urlparse
 
 from facetrec.errors import ConfigError
@@ -47,6 +47,7 @@ class UserStore(Protocol):
     def append(self, events: Sequence[Event]) -> AppendResult: ...
     def history(self, user: str, limit: int) -> list[tuple[str, int]]: ...
     def count(self, user: str) -> int: ...
+    def events(self) -> Iterator[tuple[str, str, int]]: ...
     def get_memory(self, user: str) -> bytes | None: ...
     def set_memory(self, user: str, value: bytes) -> None: ...
     def ping(self) -> bool: ...
@@ -108,6 +109,20 @@ class SQLiteStore:
     def count(self, user: str) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM events WHERE user = ?", (user,)).fetchone()[0])
+
+    def events(self, chunk: int = 10_000) -> Iterator[tuple[str, str, int]]:
+        """Every stored event as (user, item, ts), each user's in arrival order, users one after another;
+        read in chunks, so serving goes on while a large store is dumped."""
+        last = ("", -1)
+        while True:
+            with self._lock:
+                rows = self._db.execute("SELECT user, seq, item, ts FROM events WHERE (user, seq) > (?, ?) "
+                                        "ORDER BY user, seq LIMIT ?", (*last, int(chunk))).fetchall()
+            if not rows:
+                return
+            for user, _, item, ts in rows:
+                yield user, item, int(ts)
+            last = (rows[-1][0], rows[-1][1])
 
     def get_memory(self, user: str) -> bytes | None:
         with self._lock:
@@ -185,6 +200,16 @@ class RedisStore:
     def count(self, user: str) -> int:
         return int(self._r.llen(self._k("user", user, "events")))
 
+    def events(self, chunk: int = 10_000) -> Iterator[tuple[str, str, int]]:
+        """Every stored event as (user, item, ts), each user's in arrival order (users in SCAN order)."""
+        head, tail = self._k("user", ""), ":events"
+        for key in self._r.scan_iter(match=self._k("user", "*", "events"), count=1000):
+            user = key.decode()[len(head):-len(tail)]
+            for start in range(0, self._r.llen(key), chunk):
+                for v in self._r.lrange(key, start, start + chunk - 1):
+                    item, ts = v.decode().rsplit("\t", 1)
+                    yield user, item, int(ts)
+
     def get_memory(self, user: str) -> bytes | None:
         return self._r.get(self._k("user", user, "memory"))
 
@@ -201,14 +226,52 @@ class RedisStore:
         self._r.close()
 
 
-def open_store(url: str) -> UserStore:
-    """`sqlite:///path/to/state.db` (or a plain path) or `redis://host:port/db`."""
+def dump_events(store: UserStore, out: str | Path) -> tuple[int, int, int]:
+    """Write every stored event to a tab-separated file with the header `user_id item_id timestamp`,
+    the file `data.extra_events` reads to retrain on what the service received (written to a temp
+    file and renamed: a crash leaves no half file). Returns (events, users, skipped): an id holding a
+    tab or a line break cannot be written to a TSV, so its events are skipped and counted.
+    """
+    from facetrec.io import atomic_write
+
+    counts = [0, 0, 0]
+
+    def write(f) -> None:
+        f.write(b"user_id\titem_id\ttimestamp\n")
+        last = None
+        for user, item, ts in store.events():
+            if any(c in x for x in (user, item) for c in "\t\n\r"):
+                counts[2] += 1
+                continue
+            f.write(f"{user}\t{item}\t{ts}\n".encode())
+            counts[0] += 1
+            if user != last:
+                counts[1], last = counts[1] + 1, user
+
+    atomic_write(out, write)
+    return counts[0], counts[1], counts[2]
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a `sqlite:///...` (or plain path) store URL; None for other schemes."""
     parsed = urlparse(url)
-    if parsed.scheme in ("", "sqlite"):
-        path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else (parsed.path if parsed.scheme else url)
-        if not path:
-            raise ConfigError(f"store {url!r}: give a file, e.g. sqlite:///runs/state.db")
+    if parsed.scheme not in ("", "sqlite"):
+        return None
+    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else (parsed.path if parsed.scheme else url)
+    if not path:
+        raise ConfigError(f"store {url!r}: give a file, e.g. sqlite:///runs/state.db")
+    return Path(path)
+
+
+def open_store(url: str, must_exist: bool = False) -> UserStore:
+    """`sqlite:///path/to/state.db` (or a plain path) or `redis://host:port/db`; with must_exist a missing
+    SQLite file is an error (reading a store) instead of a new empty store (serving)."""
+    path = sqlite_path(url)
+    if path is not None:
+        if must_exist and not path.is_file():
+            raise ConfigError(f"store {url!r}: {path} does not exist; give the file `facetrec serve --store` wrote")
         return SQLiteStore(path)
+    parsed = urlparse(url)
     if parsed.scheme in ("redis", "rediss", "unix"):
         return RedisStore(url)
     raise ConfigError(f"store {url!r}: use sqlite:///path/to/state.db or redis://host:port/0")
