@@ -224,19 +224,28 @@ def format_test_metrics(metrics: dict[str, Any]) -> str:
 
 # train.* keys that evaluation reads: the only ones `evaluate --set` may change (the rest shape training alone)
 EVAL_TRAIN_KEYS = ("top_m", "index", "index_params", "max_eval_users", "threads", "device")
+# prepare.* keys that leave every id as it was (the others change which users and items exist, or their ids)
+EVAL_PREPARE_KEYS = ("max_history",)
 
 
 def check_eval_overrides(overrides: list[str]) -> None:
-    """Refuse `evaluate --set` keys that cannot change what evaluation computes: train.* settings that only
-    training reads (they would be recorded in `evaluated_with` and change nothing) and run.*."""
+    """Refuse `evaluate --set` keys that cannot change what evaluation computes (train.* settings that only
+    training reads: they would be recorded in `evaluated_with` and change nothing; run.*), and keys that
+    change the data under the weights (data.*, and prepare.* but max_history: the ids the weights were
+    trained for would mean other items)."""
     for o in overrides:
         key = o.split("=", 1)[0].strip()
         section, _, name = key.partition(".")
-        if section == "run" or (section == "train" and name.split(".")[0] not in EVAL_TRAIN_KEYS):
+        name = name.split(".")[0]
+        if section == "run" or (section == "train" and name not in EVAL_TRAIN_KEYS):
             raise ConfigError(f"--set {o}: {key} is not read when a trained run is evaluated, so it would change "
-                              f"nothing; evaluation reads {', '.join('train.' + k for k in EVAL_TRAIN_KEYS)} and the "
-                              f"model.* / data.* settings that leave the weights' shapes alone (retrain with "
-                              f"facetrec train CONFIG --set {o} to change training)")
+                              f"nothing; evaluation reads {', '.join('train.' + k for k in EVAL_TRAIN_KEYS)}, "
+                              f"prepare.max_history and the model.* settings that leave the weights' shapes alone "
+                              f"(retrain with facetrec train CONFIG --set {o} to change training)")
+        if section == "data" or (section == "prepare" and name not in EVAL_PREPARE_KEYS):
+            raise ConfigError(f"--set {o}: {key} changes the prepared data, so the run's item and user ids would "
+                              f"name other items and users than the ones its weights were trained on; retrain on "
+                              f"that data instead (facetrec train CONFIG --set {o})")
 
 
 def evaluate(run_dir: str | Path, progress: bool = True, overrides: list[str] | None = None,
