@@ -12,7 +12,7 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-from facetrec.serving.app import MAX_BODY_BYTES, MAX_EVENTS, MAX_HISTORY_IN, MAX_N, create_app
+from facetrec.serving.app import MAX_BODY_BYTES, MAX_EVENTS, MAX_EXCLUDE, MAX_HISTORY_IN, MAX_N, create_app
 from facetrec.serving.store import open_store
 
 JSON = {"content-type": "application/json"}
@@ -123,6 +123,25 @@ def test_unknown_user_takes_the_cold_path(client, tiny_pipeline):
     assert all(i["interest"] == -1 for i in body["items"])
     assert client.get("/users/987654321012/interests").json() == {"user_id": 987654321012, "history_length": 0,
                                                                   "interests": []}
+
+
+def test_exclude_keeps_items_out_on_every_path(client, items, tiny_pipeline):
+    hist = items[:5]
+    first = {x["item_id"]: x["score"] for x in client.post("/recommend", json={"history": hist, "n": 10}).json()["items"]}
+    top = list(first)[:6]
+    r = client.post("/recommend", json={"history": hist, "n": 10, "exclude": top})
+    again = {x["item_id"]: x["score"] for x in r.json()["items"]}
+    assert r.status_code == 200 and len(again) == 10 and not set(again) & set(top)
+    assert set(list(first)[6:]) <= set(again)  # the rest stay, with their scores
+    assert all(again[i] == pytest.approx(first[i]) for i in list(first)[6:])
+    cold = [tiny_pipeline.raw_items[int(i)] for i in tiny_pipeline.popular[:3]]  # cold start: popularity without them
+    r = client.post("/recommend", json={"user_id": _user(), "n": 5, "exclude": cold})
+    assert r.json()["path"] == "cold_start" and not {x["item_id"] for x in r.json()["items"]} & set(cold)
+    everything = list(items)  # nothing left to recommend: an empty list, not an error
+    r = client.post("/recommend", json={"history": hist, "n": 5, "exclude": everything})
+    assert r.status_code == 200 and r.json()["items"] == []
+    _is_error(client.post("/recommend", json={"history": hist, "exclude": [10**12]}), 422, "not in the catalogue")
+    _is_error(client.post("/recommend", json={"history": hist, "exclude": [items[0]] * (MAX_EXCLUDE + 1)}), 422, "exclude")
 
 
 def test_empty_history_takes_the_cold_path(client):

@@ -24,6 +24,8 @@ What each kind of input gets (every case has a test in tests/serving/test_app.py
       list, string for an int catalogue, or vice versa) else strings of 1-256 characters; "user_id": null = absent
     NaN / Infinity / -Infinity tokens                  400 (they are not JSON)
     n <= 0, n > 1000 or n > catalogue size             422
+    "exclude" over 10,000 items, or naming an item      422 (an item never to return must be in the catalogue)
+      not in the catalogue
     duplicate items in a history                       accepted: repeated behaviours are real signal
     event timestamp <= 0                               422
     event timestamp > 1 day ahead of the server clock  422
@@ -60,6 +62,7 @@ MAX_BODY_BYTES = 2 << 20  # 2 MiB: room for a 100k-item explicit history
 MAX_HISTORY_IN = 100_000  # longer explicit histories are refused; the model reads the last max_history
 MAX_N = 1000  # most results per request: the ranker scores max(n, candidates) items
 MAX_EVENTS = 1000  # per /events batch
+MAX_EXCLUDE = 10_000  # items a request may rule out
 STORE_READ = 1000  # most recent stored events read per request (model window + seen-item exclusion)
 FUTURE_SKEW_S = 86_400  # timestamps more than a day ahead of the server clock are refused
 MAX_ERRORS_SHOWN = 20
@@ -99,6 +102,8 @@ def _models(int_ids: bool, example_item: Any, example_user: Any):
                                             description="Explicit history, oldest first; overrides the stored one.")
         n: StrictInt = Field(20, ge=1, le=MAX_N, description="How many items to return (at most the catalogue size).")
         exclude_seen: StrictBool = Field(True, description="Leave out items already in the history.")
+        exclude: Optional[list[Id]] = Field(None, max_length=MAX_EXCLUDE,
+                                            description="Items never to return (e.g. in the basket, or already shown).")
 
         @model_validator(mode="after")
         def _one_source(self):
@@ -395,7 +400,8 @@ def create_app(pipeline: Union[Pipeline, LivePipeline], store: UserStore) -> Fas
             # items a newer catalogue dropped are skipped; they were valid when ingested
             hist = pipeline.encode(stored, drop_unknown=True)
             n_events = store.count(_key(req.user_id)) - (len(stored) - len(hist))
-        recs = pipeline.recommend(hist, req.n, req.exclude_seen, n_events=n_events, user=req.user_id)
+        exclude = pipeline.encode(req.exclude) if req.exclude else None  # unknown items -> 422
+        recs = pipeline.recommend(hist, req.n, req.exclude_seen, n_events=n_events, user=req.user_id, exclude=exclude)
         path = "personal" if len(hist) else "cold_start"
         paths.labels(path).inc()
         return RecommendResponse(items=[Item(item_id=r.item, score=_finite(r.score), retrieval_score=_finite(r.retrieval_score),

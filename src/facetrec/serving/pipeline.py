@@ -234,7 +234,7 @@ class Pipeline:
 
     @torch.inference_mode()
     def recommend(self, hist: np.ndarray, n: int, exclude_seen: bool = True, n_events: int | None = None,
-                  user: Any = None) -> list[Recommended]:
+                  user: Any = None, exclude: np.ndarray | None = None) -> list[Recommended]:
         """Top-n items for a history of internal ids, oldest first (empty -> cold-start popularity).
 
         Args:
@@ -244,12 +244,15 @@ class Pipeline:
             exclude_seen: leave out items in the history.
             n_events: |I_u| for K'_u (default len(hist)).
             user: raw user id, for models with a profile embedding.
+            exclude: internal ids never to return (a basket, items already shown), on every path.
         """
         from facetrec.index.ann import multi_interest_search
 
         n = max(1, min(int(n), self.n_items - 1))
         hist = np.asarray(hist, dtype=np.int64)
         seen = _recent_distinct(hist, self.max_exclude) if exclude_seen else np.zeros(0, dtype=np.int64)
+        if exclude is not None and len(exclude):
+            seen = np.union1d(seen, np.asarray(exclude, dtype=np.int64))
         if len(hist) == 0:
             return self._fill([], n, seen)
         h, m, r = self._route(hist, n_events)
