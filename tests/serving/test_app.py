@@ -144,6 +144,31 @@ def test_exclude_keeps_items_out_on_every_path(client, items, tiny_pipeline):
     _is_error(client.post("/recommend", json={"history": hist, "exclude": [items[0]] * (MAX_EXCLUDE + 1)}), 422, "exclude")
 
 
+def test_similar_items_are_the_nearest_in_the_item_space(client, items, tiny_pipeline):
+    import numpy as np
+    import torch
+
+    p = tiny_pipeline
+    item = items[3]
+    r = client.get(f"/items/{item}/similar", params={"n": 7})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    got = [x["item_id"] for x in body["items"]]
+    assert body["item_id"] == item and body["artifact"] == p.version and len(got) == 7 and item not in got
+    scores = [x["score"] for x in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    with torch.no_grad():  # brute force over the catalogue (the tiny artifact's index is exact)
+        E = p.retrieval.item_vectors(torch.arange(1, p.n_items)).numpy()
+    q = E[int(p.encode([item])[0]) - 1]
+    order = [k + 1 for k in np.argsort(-(E @ q), kind="stable") if k + 1 != int(p.encode([item])[0])][:7]
+    assert got == [p.raw_items[k] for k in order] and np.allclose(scores, (E @ q)[np.array(order) - 1], atol=1e-5)
+    assert client.get(f"/items/{item}/similar").json()["items"][:7] == body["items"]  # default n = 10
+    _is_error(client.get("/items/999999999/similar"), 404, "not in the catalogue")
+    for n in (0, -1, MAX_N + 1, p.n_items):
+        _is_error(client.get(f"/items/{item}/similar", params={"n": n}), 422, "n = ")
+    _is_error(client.get(f"/items/{item}/similar", params={"n": "ten"}), 422)
+
+
 def test_empty_history_takes_the_cold_path(client):
     body = client.post("/recommend", json={"history": [], "n": 3}).json()
     assert body["path"] == "cold_start" and len(body["items"]) == 3

@@ -3,6 +3,7 @@
     POST /recommend             user id (history from the store) or an explicit history -> top-n with explanations
     POST /events                batch ingest; 200 only once the events are durable; a repeated event id is stored once
     GET  /users/{id}/interests  the user's interests and the behaviours routed to each
+    GET  /items/{id}/similar    items nearest to one item in the retrieval model's item space ("more like this")
     GET  /healthz               the process is up
     GET  /readyz                artifact loaded and the store reachable (503 otherwise); names the version served
                                 and, when a newer export failed to load, why (`reload_error`)
@@ -132,6 +133,19 @@ class Item(BaseModel):
     retrieval_score: float
     interest: int = Field(..., description="Index of the interest that retrieved it; -1 = cold-start popularity.")
     because: list[Union[int, str]] = Field(..., description="Behaviours routed most strongly to that interest.")
+
+
+class SimilarItem(BaseModel):
+    item_id: Union[int, str]
+    score: float = Field(..., description="e_i · e_j in the retrieval model's item space (cosine when it normalises).")
+
+
+class SimilarResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "item_id": "B0001", "items": [{"item_id": "B0002", "score": 0.91}], "artifact": "v20261123T031500-ab12"}]})
+    item_id: Union[int, str]
+    items: list[SimilarItem]
+    artifact: str
 
 
 class RecommendResponse(BaseModel):
@@ -353,7 +367,8 @@ def create_app(pipeline: Union[Pipeline, LivePipeline], store: UserStore) -> Fas
     known = {"/recommend", "/events", "/healthz", "/readyz", "/metrics"}
 
     def observe(path: str, status: int, seconds: float) -> None:
-        endpoint = path if path in known else ("/users/{id}/interests" if path.startswith("/users/") else "other")
+        endpoint = path if path in known else ("/users/{id}/interests" if path.startswith("/users/") else
+                                               "/items/{id}/similar" if path.startswith("/items/") else "other")
         requests.labels(endpoint, str(status)).inc()
         latency.labels(endpoint).observe(seconds)
 
@@ -445,6 +460,20 @@ def create_app(pipeline: Union[Pipeline, LivePipeline], store: UserStore) -> Fas
         out = [InterestOut(index=i.index, strength=_finite(i.strength), behaviours=i.behaviours, weights=i.weights)
                for i in pipeline.interests(hist, n_events)]
         return InterestsResponse(user_id=user_id, history_length=n_events, interests=out)
+
+    @app.get("/items/{item_id}/similar", response_model=SimilarResponse,
+             responses={404: {"model": ErrorBody, "description": "The item is not in the catalogue."},
+                        422: ERRORS[422]})
+    def similar(item_id: id_type, n: int = 10) -> SimilarResponse:  # type: ignore[valid-type]
+        """Items nearest to this one in the retrieval model's item space ("more like this"), best first."""
+        pipeline = live.pipeline
+        if not 1 <= n <= min(MAX_N, pipeline.n_items - 2):
+            return _error(422, f"n = {n} must be in [1, {min(MAX_N, pipeline.n_items - 2)}]")
+        internal = pipeline.item_index.get(str(item_id), 0)
+        if not internal:
+            return _error(404, f"item {item_id!r} is not in the catalogue")
+        out = [SimilarItem(item_id=i, score=_finite(sc)) for i, sc in pipeline.similar(internal, n)]
+        return SimilarResponse(item_id=item_id, items=out, artifact=pipeline.version)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -278,6 +278,20 @@ class Pipeline:
                            why[int(which[i])].behaviours) for i in order]
         return self._fill(out, n, np.concatenate([seen, ids]))
 
+    @torch.inference_mode()
+    def similar(self, item: int, n: int) -> list[tuple[Any, float]]:
+        """The n items nearest to internal item `item` in the retrieval model's item space, through the
+        same index that recall searches (inner product; cosine under `normalize`): (raw id, score), best
+        first, the item itself left out."""
+        from facetrec.index.ann import multi_interest_search
+
+        n = max(1, min(int(n), self.n_items - 2))
+        v = self.retrieval.item_vectors(torch.tensor([int(item)], device=self.device)).float().cpu().numpy()  # (1, D)
+        ids, scores, _ = multi_interest_search(self.index, v[:, None, :], np.ones((1, 1), dtype=bool), n, n,
+                                               (np.array([0, 1]), np.array([int(item)], dtype=np.int64)))
+        keep = ids[0] > 0
+        return [(self.raw_items[int(i)], float(s)) for i, s in zip(ids[0][keep], scores[0][keep])]
+
     SEARCH_PARAMS = {"hnsw": ("efSearch",), "ivf": ("nprobe",), "ivfpq": ("nprobe",), "exact": ()}
 
     def set_search_params(self, params: dict[str, int]) -> None:
