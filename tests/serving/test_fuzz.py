@@ -34,7 +34,8 @@ def test_fuzz_every_endpoint_no_server_error(tiny_pipeline, tmp_path):
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     ops = [r.ok() for r in schema.get_all_operations()]
     assert {f"{op.method.upper()} {op.path}" for op in ops} >= {
-        "POST /recommend", "POST /events", "GET /users/{user_id}/interests", "GET /healthz", "GET /readyz", "GET /metrics"}
+        "POST /recommend", "POST /events", "GET /users/{user_id}/interests", "GET /items/{item_id}/similar", "GET /healthz",
+        "GET /readyz", "GET /metrics"}
     t0 = time.time()
     seen: dict[str, set[int]] = {}
     for op in ops:
