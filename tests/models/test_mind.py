@@ -259,6 +259,14 @@ def test_config_refuses_settings_that_cannot_work():
     with pytest.raises(ValueError, match="normalize"):
         MINDConfig(n_items=10, normalize="interests")
     MINDConfig(n_items=10, normalize="items")  # interest lengths are free: no temperature needed
+    with pytest.raises(ValueError, match="s_init"):
+        MINDConfig(n_items=10, s_init="zeros")
+
+
+def test_s_init_identity_routes_the_behaviour_vectors_themselves():
+    m = make(s_init="identity")
+    assert torch.equal(m.S.detach(), torch.eye(m.cfg.dim))
+    assert not torch.equal(make().S.detach(), torch.eye(m.cfg.dim))  # the default: xavier noise
 
 
 def test_normalized_vectors_have_unit_length():

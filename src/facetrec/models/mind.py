@@ -62,6 +62,7 @@ class MINDConfig:
     profile_dim: int = 16  # P: size of that profile embedding
     interest_bias: bool = False  # each interest also outputs an offset c_k: score = v_k · e + c_k (vectors carry it as a D+1-th coordinate)
     global_interest: bool = False  # one more interest slot K+1: the whole-history capsule squash(Σ_i S c_i) (K = 1's), valid when K'_u >= 2
+    s_init: str = "xavier"  # the bilinear map S starts as xavier-uniform noise | "identity": ĉ_i = c_i, routing starts by clustering the items themselves
 
     def __post_init__(self) -> None:
         if self.n_items < 2:
@@ -91,6 +92,8 @@ class MINDConfig:
         if self.global_interest and (self.pooling == "mean" or self.n_interests < 2):
             raise ValueError("global_interest adds the whole-history capsule to K >= 2 routed interests; "
                              "it needs pooling: routing and n_interests >= 2")
+        if self.s_init not in ("xavier", "identity"):
+            raise ValueError(f"s_init {self.s_init!r} must be 'xavier' or 'identity'")
         if self.n_users < 0 or (self.n_users > 0 and self.profile_dim < 1):
             raise ValueError("n_users must be >= 0 and profile_dim >= 1 when n_users > 0")
 
@@ -330,7 +333,10 @@ class MIND(nn.Module):
         D = cfg.dim
         self.items = ItemTower(cfg.n_items, D, item_features, field_vocab)
         self.S = nn.Parameter(torch.empty(D, D))  # shared bilinear map: ĉ_i = S c_i
-        nn.init.xavier_uniform_(self.S)
+        if cfg.s_init == "identity":
+            nn.init.eye_(self.S)
+        else:
+            nn.init.xavier_uniform_(self.S)
         # mean pooling (YouTube DNN) never uses S: frozen, so DDP does not wait for its gradient (kept in the
         # state dict, so checkpoints and artifacts of either model keep one layout)
         self.S.requires_grad_(cfg.pooling != "mean")
