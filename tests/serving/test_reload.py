@@ -70,6 +70,11 @@ def test_check_swaps_in_a_new_export_and_keeps_the_old_one_when_the_new_one_is_b
     assert client.post("/recommend", json={"history": hist, "n": 5}).status_code == 200
     assert 'facetrec_artifact_reloads_total{result="failed"} 1.0' in client.get("/metrics").text
 
+    (root / "CURRENT").write_text(second.name)  # CURRENT back on the version served: nothing left to report
+    assert not live.check() and live.error is None and "reload_error" not in client.get("/readyz").json()
+    (root / "CURRENT").write_text("vbroken")  # named again after another version: tried again, refused again
+    assert not live.check() and live.reloads["failed"] == 2
+
     (root / "CURRENT").write_text(first.name)  # a rollback is a reload too
     assert live.check() and live.pipeline.version_dir == first and live.error is None
     (root / "CURRENT").write_text("nowhere")

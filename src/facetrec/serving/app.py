@@ -45,8 +45,11 @@ A 4xx body is {"error": "<what is wrong and what to do>", "detail": ...}.
 
 # no `from __future__ import annotations`: FastAPI must see the request classes built in _models()
 import json
+import logging
 import math
+import threading
 import time
+from pathlib import Path
 from typing import Annotated, Any, Optional, Union
 
 from fastapi import FastAPI, Request
@@ -59,6 +62,7 @@ from facetrec.errors import FacetrecError
 from facetrec.serving.pipeline import Pipeline, UnknownItems
 from facetrec.serving.store import Event, UserStore
 
+log = logging.getLogger("facetrec.serving")
 MAX_BODY_BYTES = 2 << 20  # 2 MiB: room for a 100k-item explicit history
 MAX_HISTORY_IN = 100_000  # longer explicit histories are refused; the model reads the last max_history
 MAX_N = 1000  # most results per request: the ranker scores max(n, candidates) items
@@ -288,19 +292,19 @@ class LivePipeline:
 
     def check(self) -> bool:
         """Load and swap in the version CURRENT names, if it is new; True when one was swapped in."""
-        import logging
-        from pathlib import Path
-
         from facetrec.serving.artifacts import resolve_version
 
         if self.root is None:
             return False
         try:
             version = resolve_version(self.root)
-        except FacetrecError as e:
+        except (FacetrecError, OSError) as e:
             self.error = f"{e} (still serving {self.pipeline.version})"
             return False
-        if Path(version).resolve() == Path(self.pipeline.version_dir).resolve() or str(version) == self._failed:
+        if Path(version).resolve() == Path(self.pipeline.version_dir).resolve():
+            self.error, self._failed = None, None  # CURRENT names the version served (again): nothing to report
+            return False
+        if str(version) == self._failed:
             return False
         try:
             new = self._load(version)
@@ -312,7 +316,7 @@ class LivePipeline:
             self._failed = str(version)
             self.error = f"version {Path(version).name} not loaded: {e} (still serving {self.pipeline.version})"
             self.reloads["failed"] += 1
-            logging.getLogger("facetrec.serving").error(self.error)
+            log.error(self.error)
             return False
         self.pipeline, self.error, self._failed = new, None, None
         self.reloads["ok"] += 1
@@ -320,15 +324,16 @@ class LivePipeline:
 
     def start(self) -> None:
         """Look at CURRENT every `every` seconds on a daemon thread (nothing when every <= 0 or no root)."""
-        import threading
-
         if self.root is None or self.every <= 0:
             return
 
         def loop() -> None:
             while True:
                 time.sleep(self.every)
-                self.check()
+                try:
+                    self.check()
+                except Exception:  # the watcher must outlive anything one look runs into
+                    log.exception("looking for a new export failed; trying again in %s s", self.every)
 
         threading.Thread(target=loop, name="facetrec-reload", daemon=True).start()
 
