@@ -204,6 +204,42 @@ def serve(
                 log_level="warning", limit_concurrency=512, timeout_keep_alive=30)
 
 
+@app.command()
+def recommend(
+    artifact: Path = typer.Argument(..., help="Artifact root (follows CURRENT) or one version directory."),
+    store: str = typer.Option(..., help="The server's store, read for the users' histories: sqlite:///path/state.db or redis://..."),
+    out: Path = typer.Option(..., help="JSON lines to write, one user per line."),
+    users: Optional[Path] = typer.Option(None, help="A file of user ids, one per line (default: every user in the store)."),
+    n: int = typer.Option(20, help="Recommendations per user."),
+    device: str = typer.Option("cpu", help="Where the models run: cpu, cuda or auto."),
+) -> None:
+    """Recommendations for many users at once, offline: what POST /recommend would answer each of them."""
+    from facetrec.serving.batch import batch_recommend
+    from facetrec.serving.pipeline import Pipeline
+    from facetrec.serving.store import open_store
+
+    ids = None
+    try:
+        p = Pipeline(artifact, device=device)
+        if not 1 <= n <= p.n_items - 1:
+            raise FacetrecError(f"--n {n} must be in [1, {p.n_items - 1}] (the catalogue size)")
+        if users is not None:
+            if not users.is_file():
+                raise FacetrecError(f"--users {users}: no such file; give one user id per line")
+            ids = [line.strip() for line in users.read_text().splitlines() if line.strip()]
+        s = open_store(store, must_exist=True)
+    except FacetrecError as e:
+        _fail(e)
+    except Exception as e:  # e.g. redis not reachable
+        _fail(RuntimeError(f"store {store!r} cannot be opened: {e}"))
+    try:
+        stats = batch_recommend(p, s, out, n=n, users=ids)
+    finally:
+        s.close()
+    typer.echo(f"wrote {out}: {stats['users']} users ({stats['personal']} personal, {stats['cold_start']} cold start) "
+               f"in {stats['seconds']} s")
+
+
 @app.command("dump-events")
 def dump_events(
     store: str = typer.Option(..., help="The server's store: sqlite:///path/state.db or redis://host:port/0."),

@@ -59,6 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from facetrec.errors import FacetrecError
+from facetrec.serving.batch import STORE_READ, stored_history
 from facetrec.serving.pipeline import Pipeline, UnknownItems
 from facetrec.serving.store import Event, UserStore
 
@@ -68,7 +69,6 @@ MAX_HISTORY_IN = 100_000  # longer explicit histories are refused; the model rea
 MAX_N = 1000  # most results per request: the ranker scores max(n, candidates) items
 MAX_EVENTS = 1000  # per /events batch
 MAX_EXCLUDE = 10_000  # items a request may rule out
-STORE_READ = 1000  # most recent stored events read per request (model window + seen-item exclusion)
 FUTURE_SKEW_S = 86_400  # timestamps more than a day ahead of the server clock are refused
 MAX_ERRORS_SHOWN = 20
 INT_ID = Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
@@ -418,8 +418,7 @@ def create_app(pipeline: Union[Pipeline, LivePipeline], store: UserStore) -> Fas
         else:
             stored = [item for item, _ in store.history(_key(req.user_id), STORE_READ)]
             # items a newer catalogue dropped are skipped; they were valid when ingested
-            hist = pipeline.encode(stored, drop_unknown=True)
-            n_events = store.count(_key(req.user_id)) - (len(stored) - len(hist))
+            hist, n_events = stored_history(pipeline, stored, store.count(_key(req.user_id)))
         exclude = pipeline.encode(req.exclude) if req.exclude else None  # unknown items -> 422
         recs = pipeline.recommend(hist, req.n, req.exclude_seen, n_events=n_events, user=req.user_id, exclude=exclude)
         path = "personal" if len(hist) else "cold_start"
@@ -460,8 +459,8 @@ def create_app(pipeline: Union[Pipeline, LivePipeline], store: UserStore) -> Fas
         if not int_ids and not 1 <= len(user_id) <= 256:
             return _error(422, "user_id must be 1-256 characters")
         stored = [item for item, _ in store.history(_key(user_id), pipeline.max_history)]
-        hist = pipeline.encode(stored, drop_unknown=True)
-        n_events = store.count(_key(user_id)) - (len(stored) - len(hist)) if len(hist) else 0
+        hist, n_events = stored_history(pipeline, stored, store.count(_key(user_id)))
+        n_events = n_events if len(hist) else 0
         out = [InterestOut(index=i.index, strength=_finite(i.strength), behaviours=i.behaviours, weights=i.weights)
                for i in pipeline.interests(hist, n_events)]
         return InterestsResponse(user_id=user_id, history_length=n_events, interests=out)
