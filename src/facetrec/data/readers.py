@@ -90,7 +90,7 @@ def add_served_events(log: RawLog, path: Path, lenient: bool = False) -> RawLog:
         log.skipped["served event already in the log"] = log.skipped.get("served event already in the log", 0) + dropped
     base = int(log.events[LINE].max() or 0) if log.events.height else 0
     ev = ev.with_columns((pl.col(LINE) + base).alias(LINE))
-    extra = [c for c in log.events.columns if c not in ev.columns]  # item fields carried in the log: none here
+    extra = [c for c in log.events.columns if c not in ev.columns]  # columns only the log has: empty for served rows
     ev = ev.with_columns([pl.lit(None, dtype=log.events.schema[c]).alias(c) for c in extra]).select(log.events.columns)
     log.events = pl.concat([log.events, ev.cast(log.events.schema)])
     log.files.append(path)

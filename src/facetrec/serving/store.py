@@ -203,7 +203,11 @@ class RedisStore:
     def events(self, chunk: int = 10_000) -> Iterator[tuple[str, str, int]]:
         """Every stored event as (user, item, ts), each user's in arrival order (users in SCAN order)."""
         head, tail = self._k("user", ""), ":events"
+        done: set[bytes] = set()  # SCAN may return a key more than once
         for key in self._r.scan_iter(match=self._k("user", "*", "events"), count=1000):
+            if key in done:
+                continue
+            done.add(key)
             user = key.decode()[len(head):-len(tail)]
             for start in range(0, self._r.llen(key), chunk):
                 for v in self._r.lrange(key, start, start + chunk - 1):
