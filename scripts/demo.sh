@@ -98,6 +98,11 @@ for u in picked:
     for k, item in enumerate(rec["items"], 1):
         print(f"  {k}. {item['item_id']}  p(click) {item['score']:.3f}  via interest {item['interest']}"
               f"  because you interacted with {item['because']}")
+    item = rec["items"][0]["item_id"]
+    like = httpx.get(f"{base}/items/{item}/similar", params={"n": 3}, timeout=30).json()
+    print(f"  more like {item}: {[x['item_id'] for x in like['items']]}")
+    kept_out = httpx.post(f"{base}/recommend", json={"user_id": uid, "n": 5, "exclude": [item]}, timeout=30).json()
+    print(f"  with {item} excluded (already in the basket): {[x['item_id'] for x in kept_out['items']]}")
 cold = httpx.post(f"{base}/recommend", json={"user_id": "new-user" if not fm_int else 10**15, "n": 3}, timeout=30).json()
 print(f"\nan unknown user -> {cold['path']}: {[i['item_id'] for i in cold['items']]}")
 bad = httpx.post(f"{base}/recommend", json={"history": ["no-such-item"] if not fm_int else [10**15]}, timeout=30)
@@ -108,6 +113,11 @@ echo "== stop the server"
 kill "$SERVER"
 wait "$SERVER" 2>/dev/null || true
 trap - EXIT
+
+echo "== offline: what the server would answer every stored user -> $OUT/recs.jsonl"
+facetrec recommend "$OUT/artifact" --store "sqlite:///$OUT/state.db" --out "$OUT/recs.jsonl" --n 10
+echo "== the events it received -> $OUT/served.tsv (for retraining: --set 'data.extra_events=[$OUT/served.tsv]')"
+facetrec dump-events --store "sqlite:///$OUT/state.db" --out "$OUT/served.tsv"
 
 # ===================================================================================
 # ISSUE 8 — the report: figures + one self-contained HTML page about the demo's runs
