@@ -97,6 +97,42 @@ def test_readyz_is_503_when_the_store_is_gone(tiny_pipeline, tmp_path):
         _is_error(c.get("/readyz"), 503, "store")
 
 
+def test_a_store_that_fails_mid_request_is_503_and_nothing_is_stored(tiny_pipeline, items, tmp_path):
+    s = open_store(f"sqlite:///{tmp_path / 's.db'}")
+    c = TestClient(create_app(tiny_pipeline, s), raise_server_exceptions=False)
+    s.close()  # the database goes away under a running app
+    ev = {"events": [_event(7, items[0], 1_700_000_000, "lost")]}
+    for r in (c.post("/recommend", json={"user_id": 7, "n": 3}), c.post("/events", json=ev), c.get("/users/7/interests")):
+        _is_error(r, 503, "user-state store not reachable", "retry")
+    assert c.post("/recommend", json={"history": items[:3], "n": 3}).status_code == 200  # needs no store
+    again = open_store(f"sqlite:///{tmp_path / 's.db'}")
+    assert again.count("7") == 0  # the refused event was not stored
+    again.close()
+
+
+def test_a_redis_store_that_goes_away_is_503(tiny_pipeline, items, redis_url):
+    import socket
+
+    import redis
+
+    from facetrec.serving.store import _APPEND_LUA, RedisStore
+
+    s = RedisStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}")
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    # the server goes away under a running app (no retries: the client's default backoff only slows the test)
+    s._r = redis.Redis(port=dead, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
+    s._append = s._r.register_script(_APPEND_LUA)
+    c = TestClient(create_app(tiny_pipeline, s), raise_server_exceptions=False)
+    _is_error(c.post("/events", json={"events": [_event(7, items[0], 1_700_000_000)]}), 503, "ConnectionError")
+    _is_error(c.post("/recommend", json={"user_id": 7, "n": 3}), 503, "not reachable")
+    _is_error(c.get("/readyz"), 503, "store")
+
+
 def test_openapi_has_examples_that_work(client):
     spec = client.get("/openapi.json").json()
     assert {"/recommend", "/events", "/users/{user_id}/interests", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])

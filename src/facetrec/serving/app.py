@@ -39,6 +39,8 @@ What each kind of input gets (every case has a test in tests/serving/test_app.py
     neither user_id nor history                        422
     repeated event id (in one batch or across batches) 200; stored once; listed in "duplicate_ids"
     empty events list, or more than 1000 events        422
+    the user-state store fails mid-request (closed,    503, nothing stored: retry (a request with an explicit
+      locked past its timeout, redis down)              history does not touch the store and is answered)
 
 A 4xx body is {"error": "<what is wrong and what to do>", "detail": ...}.
 """
@@ -64,6 +66,23 @@ from facetrec.serving.pipeline import Pipeline, UnknownItems
 from facetrec.serving.store import Event, UserStore
 
 log = logging.getLogger("facetrec.serving")
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    """What the store backends raise when they cannot read or write (answered 503)."""
+    import sqlite3
+
+    errors: list[type[BaseException]] = [sqlite3.Error, ConnectionError, TimeoutError]
+    try:
+        import redis
+
+        errors.append(redis.exceptions.RedisError)
+    except ImportError:  # pragma: no cover - redis is a dependency; SQLite-only installs still work
+        pass
+    return tuple(errors)
+
+
+STORE_ERRORS = _store_errors()
 MAX_BODY_BYTES = 2 << 20  # 2 MiB: room for a 100k-item explicit history
 MAX_HISTORY_IN = 100_000  # longer explicit histories are refused; the model reads the last max_history
 MAX_N = 1000  # most results per request: the ranker scores max(n, candidates) items
@@ -402,6 +421,16 @@ def create_app(pipeline: Union[Pipeline, LivePipeline], store: UserStore) -> Fas
     @app.exception_handler(FacetrecError)
     async def _bad(request: Request, exc: FacetrecError):
         return _error(422, str(exc))
+
+    async def _store_down(request: Request, exc: Exception):
+        # the store failed mid-request (database closed or locked past its timeout, redis gone): nothing was
+        # acknowledged, so the client may retry; a 503, never a 500
+        log.error("user-state store failed on %s: %s", request.url.path, exc)
+        return _error(503, f"user-state store not reachable ({type(exc).__name__}: {str(exc)[:200]}); nothing was "
+                           f"stored or read, retry later")
+
+    for exc_type in STORE_ERRORS:
+        app.add_exception_handler(exc_type, _store_down)
 
     def _key(x: Any) -> str:
         return str(x)
