@@ -167,15 +167,15 @@ def serve(
                                        "(0 = off; needs the artifact root, not a version directory)."),
 ) -> None:
     """Serve recommendations over HTTP (FastAPI + uvicorn): POST /recommend, POST /events, GET /users/{id}/interests."""
+    import json
     import os
+    import socket
 
     import uvicorn
 
     from facetrec.serving.artifacts import resolve_version
     from facetrec.serving.pipeline import Pipeline
     from facetrec.serving.store import open_store
-
-    import json
 
     params: dict[str, int] = {}
     for kv in search_param or []:
@@ -194,6 +194,15 @@ def serve(
         _fail(e)
     except Exception as e:  # e.g. redis not reachable
         _fail(RuntimeError(f"store {store!r} cannot be opened: {e}"))
+    # a taken port fails here with the fix, not in uvicorn after the workers start (checked after the artifact
+    # and the store, whose refusals say more)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            _fail(FacetrecError(f"cannot listen on {host}:{port} ({e.strerror}): another server may hold the port; "
+                                f"stop it or pass another --port"))
     os.environ["FACETREC_ARTIFACT"] = str(version)
     os.environ["FACETREC_STORE"] = store
     os.environ["FACETREC_SEARCH_PARAMS"] = json.dumps(params)

@@ -107,3 +107,13 @@ def test_serve_refuses_a_store_it_cannot_open(tiny, store, message):
     r = subprocess.run([sys.executable, "-m", "facetrec", "serve", str(tiny.artifact), "--store", store, "--port", "1"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_serve_refuses_a_port_another_server_holds(tiny, tmp_path, start_server):
+    import subprocess
+    import sys
+
+    first = start_server(tiny.artifact, f"sqlite:///{tmp_path / 'a.db'}")
+    r = subprocess.run([sys.executable, "-m", "facetrec", "serve", str(tiny.artifact), "--store",
+                        f"sqlite:///{tmp_path / 'b.db'}", "--port", str(first.port)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{first.port}" in r.stderr and "--port" in r.stderr, r.stderr
