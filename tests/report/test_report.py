@@ -462,3 +462,17 @@ def test_seeds_anywhere_in_the_model_section_group_together(runs, tmp_path):
     a, b, c = made
     assert group_key(a) == group_key(b) != group_key(c)
     assert group_label(a, made) == "ple-uie (uie={'clusters': 64})"
+
+
+def test_retrieval_headroom_reproduces_the_library_and_bounds_the_merges(runs, tmp_path):
+    out = tmp_path / "headroom.json"
+    cache = runs["mind-s0"].parent / "cache"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "retrieval_headroom.py"), str(runs["mind-s0"]),
+                        "--out", str(out)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "FACETREC_CACHE": str(cache)})
+    assert r.returncode == 0, r.stderr
+    row = json.loads(out.read_text())["mind"][0]
+    assert row["recall@50_max"] == pytest.approx(row["recall@50_library"], abs=1e-9)  # its ranks are the library's
+    assert row["recall@50_max"] <= row["recall_at_50_kprime_slots"] and 0 <= row["recall@50_quota"] <= 1
+    # a target the max-merged top 50 holds is in its best interest's own top 50: the oracle is never below max
+    assert row["recall@50_oracle"] >= row["recall@50_max"] - 1e-12
