@@ -17,6 +17,10 @@ the whole catalogue, history items excluded, as evaluation does), Recall@50 of:
     model): the oracle looks at up to K'_u lists of 50, so this is the same budget for one ranking.
 If the oracle stands far above MIND's max@50 K'_u and the baseline's, MIND's interests hold more
 than the merge hands on; if it stands near them, choosing the interest cannot buy what more slots do.
+
+With --offsets b1 b2 ...: the max merge with each interest's score raised by b * log(its share of the
+routing votes) (how many behaviours chose it; unit interests under `normalize` lose that as a length),
+on the valid users and the test users, so that b is chosen on valid.
 """
 
 from __future__ import annotations
@@ -71,7 +75,39 @@ def quota_list(V: np.ndarray, valid: np.ndarray, E: np.ndarray, hist: np.ndarray
     return np.array(out + [0] * (n - len(out)))
 
 
-def analyse(run: Path) -> dict:
+@torch.no_grad()
+def vote_shares(model, prep: Prepared, users: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Each interest's share of the routing votes, (U, K): Σ_i w_ik / Σ_ik w_ik (last routing iteration)."""
+    from facetrec.data.dataset import retrieval_batch
+
+    out = []
+    for lo in range(0, len(users), 1024):
+        b = retrieval_batch(prep, users[lo:lo + 1024], ends[lo:lo + 1024], prep.max_history)
+        w = model.route(b.hist, b.hist_mask, b.n_events).weights.sum(1)  # (B, K)
+        out.append((w / w.sum(1, keepdim=True).clamp_min(1e-12)).numpy())
+    return np.concatenate(out)
+
+
+def offset_recall(model, prep: Prepared, E: np.ndarray, split: str, protocol: str, betas: list[float]) -> dict[str, float]:
+    """Recall@50 of the max merge with offsets b * log(vote share) per interest, for each b."""
+    es = retrieval_eval_set(prep, split, protocol)
+    V, valid = user_interests(model, prep, es.users, es.ends, prep.max_history)
+    share = vote_shares(model, prep, es.users, es.ends)
+    off, hist_items = history_csr(prep, es.users, es.ends)
+    hits = {b: [] for b in betas}
+    for u in range(len(es.users)):
+        hist = hist_items[off[u]:off[u + 1]]
+        targets = np.unique(es.target_items[es.target_offsets[u]:es.target_offsets[u + 1]])
+        S = V[u][valid[u]] @ E.T
+        S[:, hist - 1] = -np.inf
+        logs = np.log(np.maximum(share[u][valid[u]], 1e-12))[:, None]
+        for b in betas:
+            best = (S + b * logs).max(0)
+            hits[b].append(float(((best[None, :] > best[targets - 1][:, None]).sum(1) < N).mean()))
+    return {str(b): float(np.mean(v)) for b, v in hits.items()}
+
+
+def analyse(run: Path, betas: list[float] | None = None) -> dict:
     cfg = load_run_config(run)
     prep = Prepared(ensure_prepared(cfg, verbose=False))
     model = build_mind(cfg, prep)
@@ -113,6 +149,8 @@ def analyse(run: Path) -> dict:
     out["by_k_prime"] = {str(k): {"users": int((kprime == k).sum()),
                                   **{name: float(np.mean(np.array(v)[kprime == k])) for name, v in rec.items()}}
                          for k in sorted(set(kprime.tolist()))}
+    if betas and model.cfg.pooling == "routing":
+        out["offsets"] = {split: offset_recall(model, prep, E, split, cfg.train.protocol, betas) for split in ("valid", "test")}
     return out
 
 
@@ -120,16 +158,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path, help="MIND run directories")
     ap.add_argument("--baseline", nargs="*", type=Path, default=[], help="YouTube DNN run directories (K = 1)")
+    ap.add_argument("--offsets", nargs="*", type=float, default=[],
+                    help="b values of the vote-share offsets b * log(share) (0 = the max merge)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    res = {"mind": [analyse(r) for r in args.runs], "baseline": [analyse(r) for r in args.baseline]}
+    res = {"mind": [analyse(r, args.offsets) for r in args.runs], "baseline": [analyse(r) for r in args.baseline]}
     for part, rows in res.items():
         for row in rows:
             gap = row["recall@50_max"] - row["recall@50_library"]
             print(f"{part:8s} {row['run']}: library {row['recall@50_library']:.4f} (max recomputed {row['recall@50_max']:.4f}, "
                   f"{gap:+.1e})  quota {row['recall@50_quota']:.4f}  oracle {row['recall@50_oracle']:.4f}  "
                   f"max at 50 K' slots {row['recall_at_50_kprime_slots']:.4f}")
+        for row in rows:
+            for split, by_b in row.get("offsets", {}).items():
+                print(f"         {split} Recall@50 by offset b: " + "  ".join(f"{b} {v:.4f}" for b, v in by_b.items()))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2))

@@ -468,7 +468,7 @@ def test_retrieval_headroom_reproduces_the_library_and_bounds_the_merges(runs, t
     out = tmp_path / "headroom.json"
     cache = runs["mind-s0"].parent / "cache"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "retrieval_headroom.py"), str(runs["mind-s0"]),
-                        "--out", str(out)], capture_output=True, text=True, timeout=600,
+                        "--offsets", "0", "0.05", "--out", str(out)], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "FACETREC_CACHE": str(cache)})
     assert r.returncode == 0, r.stderr
     row = json.loads(out.read_text())["mind"][0]
@@ -476,3 +476,4 @@ def test_retrieval_headroom_reproduces_the_library_and_bounds_the_merges(runs, t
     assert row["recall@50_max"] <= row["recall_at_50_kprime_slots"] and 0 <= row["recall@50_quota"] <= 1
     # a target the max-merged top 50 holds is in its best interest's own top 50: the oracle is never below max
     assert row["recall@50_oracle"] >= row["recall@50_max"] - 1e-12
+    assert row["offsets"]["test"]["0.0"] == pytest.approx(row["recall@50_max"], abs=1e-12)  # b = 0 is the max merge
