@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -213,6 +214,28 @@ def serve(
                 log_level="warning", limit_concurrency=512, timeout_keep_alive=30)
 
 
+@contextmanager
+def _reading_store(store: str):
+    """A store the service wrote, opened to read: a missing SQLite file, an unreachable server or a failed
+    read stops the command with exit 2 and what happened; the store is closed either way."""
+    from facetrec.serving.store import STORE_ERRORS, open_store
+
+    try:
+        s = open_store(store, must_exist=True)
+    except FacetrecError as e:
+        _fail(e)
+    except Exception as e:  # e.g. redis not reachable
+        _fail(RuntimeError(f"store {store!r} cannot be opened: {e}"))
+    try:
+        yield s
+    except FacetrecError as e:
+        _fail(e)
+    except STORE_ERRORS as e:  # redis connects on first use
+        _fail(RuntimeError(f"store {store!r} cannot be read: {e}"))
+    finally:
+        s.close()
+
+
 @app.command()
 def recommend(
     artifact: Path = typer.Argument(..., help="Artifact root (follows CURRENT) or one version directory."),
@@ -225,7 +248,6 @@ def recommend(
     """Recommendations for many users at once, offline: what POST /recommend would answer each of them."""
     from facetrec.serving.batch import batch_recommend
     from facetrec.serving.pipeline import Pipeline
-    from facetrec.serving.store import open_store
 
     ids = None
     try:
@@ -236,15 +258,10 @@ def recommend(
             if not users.is_file():
                 raise FacetrecError(f"--users {users}: no such file; give one user id per line")
             ids = [line.strip() for line in users.read_text().splitlines() if line.strip()]
-        s = open_store(store, must_exist=True)
     except FacetrecError as e:
         _fail(e)
-    except Exception as e:  # e.g. redis not reachable
-        _fail(RuntimeError(f"store {store!r} cannot be opened: {e}"))
-    try:
+    with _reading_store(store) as s:
         stats = batch_recommend(p, s, out, n=n, users=ids)
-    finally:
-        s.close()
     typer.echo(f"wrote {out}: {stats['users']} users ({stats['personal']} personal, {stats['cold_start']} cold start) "
                f"in {stats['seconds']} s")
 
@@ -255,22 +272,10 @@ def dump_events(
     out: Path = typer.Option(..., help="TSV to write (user_id, item_id, timestamp, with a header)."),
 ) -> None:
     """Write every event the service has stored to a TSV, to retrain on it (data.extra_events)."""
-    from facetrec.serving.store import dump_events as run_dump, open_store
+    from facetrec.serving.store import dump_events as run_dump
 
-    try:
-        s = open_store(store, must_exist=True)
-    except FacetrecError as e:
-        _fail(e)
-    except Exception as e:  # e.g. redis not reachable
-        _fail(RuntimeError(f"store {store!r} cannot be opened: {e}"))
-    try:
+    with _reading_store(store) as s:
         n, users, skipped = run_dump(s, out)
-    except FacetrecError as e:
-        _fail(e)
-    except Exception as e:  # e.g. redis not reachable: its client connects on first use
-        _fail(RuntimeError(f"store {store!r} cannot be read: {e}"))
-    finally:
-        s.close()
     typer.echo(f"wrote {n} events of {users} users to {out}")
     if skipped:
         typer.secho(f"warning: {skipped} events skipped: their user or item id holds a tab or a line break", err=True,

@@ -63,26 +63,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from facetrec.errors import FacetrecError
 from facetrec.serving.batch import STORE_READ, stored_history
 from facetrec.serving.pipeline import Pipeline, UnknownItems
-from facetrec.serving.store import Event, UserStore
+from facetrec.serving.store import STORE_ERRORS, Event, UserStore
 
 log = logging.getLogger("facetrec.serving")
 
-
-def _store_errors() -> tuple[type[BaseException], ...]:
-    """What the store backends raise when they cannot read or write (answered 503)."""
-    import sqlite3
-
-    errors: list[type[BaseException]] = [sqlite3.Error, ConnectionError, TimeoutError]
-    try:
-        import redis
-
-        errors.append(redis.exceptions.RedisError)
-    except ImportError:  # pragma: no cover - redis is a dependency; SQLite-only installs still work
-        pass
-    return tuple(errors)
-
-
-STORE_ERRORS = _store_errors()
 MAX_BODY_BYTES = 2 << 20  # 2 MiB: room for a 100k-item explicit history
 MAX_HISTORY_IN = 100_000  # longer explicit histories are refused; the model reads the last max_history
 MAX_N = 1000  # most results per request: the ranker scores max(n, candidates) items

@@ -28,6 +28,21 @@ from urllib.parse import urlparse
 from facetrec.errors import ConfigError
 
 
+def _store_errors() -> tuple[type[BaseException], ...]:
+    """What the backends raise when they cannot read or write (the server answers 503, commands exit 2)."""
+    errors: list[type[BaseException]] = [sqlite3.Error, ConnectionError, TimeoutError]
+    try:
+        import redis
+
+        errors.append(redis.exceptions.RedisError)
+    except ImportError:  # pragma: no cover - redis is a dependency; SQLite-only installs still work
+        pass
+    return tuple(errors)
+
+
+STORE_ERRORS = _store_errors()
+
+
 @dataclass(frozen=True)
 class Event:
     event_id: str
