@@ -167,7 +167,8 @@ def serve(
                                        "fails to load is reported on /readyz and the old one keeps serving "
                                        "(0 = off; needs the artifact root, not a version directory)."),
 ) -> None:
-    """Serve recommendations over HTTP (FastAPI + uvicorn): POST /recommend, POST /events, GET /users/{id}/interests."""
+    """Serve recommendations over HTTP (FastAPI + uvicorn): POST /recommend, POST /events, GET /users/{id}/interests,
+    GET /items/{id}/similar."""
     import json
     import os
     import socket
