@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,13 +38,31 @@ def free_port() -> int:
 
 
 def start_server(artifact: Path, port: int, workers: int, store: str, log: Path,
-                 search_params: list[str] | None = None) -> subprocess.Popen:
+                 search_params: list[str] | None = None, extra: list[str] | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(log, "ab") as f:
         return subprocess.Popen([sys.executable, "-m", "facetrec", "serve", str(artifact), "--host", "127.0.0.1",
                                  "--port", str(port), "--workers", str(workers), "--store", store,
-                                 *[a for kv in search_params or [] for a in ("--search-param", kv)]],
+                                 *[a for kv in search_params or [] for a in ("--search-param", kv)], *(extra or [])],
                                 env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def publish_copy(root: Path) -> str:
+    """A new version under `root`: a copy of the current one under a new name (its manifest renamed too), then
+    CURRENT switched, as `facetrec export` leaves it; a server with --reload-every loads it. Returns its name."""
+    from facetrec.io import atomic_write
+    from facetrec.serving.artifacts import resolve_version
+
+    old = resolve_version(root)
+    name = f"{old.name}-reload{os.getpid()}"
+    tmp = root / f".{name}.tmp"
+    shutil.copytree(old, tmp)
+    m = json.loads((tmp / "manifest.json").read_text())
+    m["version"] = name
+    (tmp / "manifest.json").write_text(json.dumps(m, indent=2))
+    os.rename(tmp, root / name)
+    atomic_write(root / "CURRENT", lambda f: f.write(name.encode()))
+    return name
 
 
 async def wait_ready(client, base: str, timeout: float = 120) -> None:
@@ -176,7 +195,7 @@ def breakdown(version: Path, users: int, n: int, seed: int) -> dict:
 
 
 async def run_load(base: str, users: list[str], items: list, rate: float, seconds: float, zipf: float, seed: int,
-                   n: int) -> dict:
+                   n: int, reload_at: float = 0.0, root: Path | None = None, publish: bool = True) -> dict:
     import httpx
 
     rng = np.random.default_rng(seed)
@@ -188,6 +207,7 @@ async def run_load(base: str, users: list[str], items: list, rate: float, second
     kinds = rng.random(total) < 0.9
     pick = [items[k] for k in rng.integers(len(items), size=total)]
     lat: dict[str, list[float]] = {"recommend": [], "events": []}
+    sent: list[tuple[float, float, str]] = []  # recommend: (send time from the start, latency ms, artifact answered)
     errors: dict[str, int] = {}
     paths: dict[str, int] = {}
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
@@ -219,12 +239,21 @@ async def run_load(base: str, users: list[str], items: list, rate: float, second
             if r.status_code >= 400:
                 errors[f"{kind} {r.status_code}"] = errors.get(f"{kind} {r.status_code}", 0) + 1
             elif kind == "recommend":
-                path = r.json()["path"]
-                paths[path] = paths.get(path, 0) + 1
+                body = r.json()
+                paths[body["path"]] = paths.get(body["path"], 0) + 1
+                sent.append((t - start, lat[kind][-1], body["artifact"]))
 
         start = time.perf_counter() + 0.5
         t0 = time.perf_counter()
-        await asyncio.gather(*(one(i, start + i / rate) for i in range(total)))
+        published: dict[str, float] = {}
+
+        async def publish_at() -> None:  # a new export appears mid-run (the copy runs off the event loop)
+            await asyncio.sleep(max(0.0, start + reload_at - time.perf_counter()))
+            published["at"] = time.perf_counter() - start
+            published["name"] = await asyncio.to_thread(publish_copy, root) if publish else ""
+
+        extra = [publish_at()] if reload_at > 0 and root is not None else []
+        await asyncio.gather(*(one(i, start + i / rate) for i in range(total)), *extra)
         wall = time.perf_counter() - t0
     out = {"requests": total, "wall_s": round(wall, 2), "achieved_rate": round(total / wall, 1), "errors": errors,
            "recommend_paths": paths}
@@ -234,6 +263,21 @@ async def run_load(base: str, users: list[str], items: list, rate: float, second
             out[kind] = {"count": len(xs), "p50_ms": round(float(np.percentile(a, 50)), 2),
                          "p90_ms": round(float(np.percentile(a, 90)), 2), "p99_ms": round(float(np.percentile(a, 99)), 2),
                          "max_ms": round(float(a.max()), 2)}
+    if published:
+        new = [t for t, _, a in sent if a == published["name"]]
+        at = published["at"]
+
+        def window(lo: float, hi: float) -> dict:
+            xs = np.array([ms for t, ms, _ in sent if lo <= t < hi])
+            return ({"count": int(len(xs)), "p50_ms": round(float(np.percentile(xs, 50)), 2),
+                     "p99_ms": round(float(np.percentile(xs, 99)), 2), "max_ms": round(float(xs.max()), 2)}
+                    if len(xs) else {"count": 0})
+
+        out["reload"] = {"published_at_s": round(at, 2), "version": published["name"] or "(control: nothing published)",
+                         "first_answer_from_it_s": round(min(new), 2) if new else None,
+                         "answers_from_it": len(new),
+                         "recommend_before": window(at - 10, at), "recommend_10s_after_publish": window(at, at + 10),
+                         "recommend_later": window(at + 10, float("inf"))}
     allx = np.array(lat["recommend"] + lat["events"])
     out["all"] = {"p50_ms": round(float(np.percentile(allx, 50)), 2), "p99_ms": round(float(np.percentile(allx, 99)), 2)}
     return out
@@ -290,6 +334,11 @@ def main() -> None:
     ap.add_argument("--ann-recall-users", type=int, default=0,
                     help="also measure the index's recall@100 against exact search for this many sampled users")
     ap.add_argument("--ann-only", action="store_true", help="only the recall measurement, no server")
+    ap.add_argument("--reload-at", type=float, default=0.0,
+                    help="serve the artifact root with --reload-every 1 and publish a copy of the current version as a "
+                         "new one this many seconds into the rate test: latency before, around and after the swap")
+    ap.add_argument("--reload-control", action="store_true",
+                    help="with --reload-at: the same run and windows, but nothing is published (the control)")
     ap.add_argument("--ef-search", type=int, nargs="*", default=None,
                     help="with --ann-recall-users on an HNSW artifact: also recall and search time at these efSearch")
     args = ap.parse_args()
@@ -338,14 +387,17 @@ def main() -> None:
         users = [int(u) for u in users]
 
     port = free_port()
-    proc = start_server(version, port, args.workers, store, workdir / "server.log", args.search_param)
+    if args.reload_at and (args.sequential or not (args.artifact / "CURRENT").exists()):
+        raise SystemExit("--reload-at needs the rate test and the artifact root (the folder with CURRENT)")
+    served, extra = (args.artifact, ["--reload-every", "1"]) if args.reload_at else (version, [])
+    proc = start_server(served, port, args.workers, store, workdir / "server.log", args.search_param, extra)
     load_before = os.getloadavg()
     try:
         if args.sequential:
             res = asyncio.run(run_sequential(f"http://127.0.0.1:{port}", users, args.sequential, args.n, proc.pid, args.seed))
         else:
             res = asyncio.run(run_load(f"http://127.0.0.1:{port}", users, items, args.rate, args.seconds, args.zipf,
-                                       args.seed, args.n))
+                                       args.seed, args.n, args.reload_at, args.artifact, not args.reload_control))
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

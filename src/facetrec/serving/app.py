@@ -49,6 +49,7 @@ A 4xx body is {"error": "<what is wrong and what to do>", "detail": ...}.
 import json
 import logging
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -331,6 +332,10 @@ class LivePipeline:
             return
 
         def loop() -> None:
+            try:  # Linux: a thread has its own nice value; loading a version must not starve the requests
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+            except (AttributeError, OSError):  # elsewhere the watcher runs at the workers' priority
+                pass
             while True:
                 time.sleep(self.every)
                 try:
