@@ -11,6 +11,11 @@ latency) from an asyncio client: 90% POST /recommend {"user_id", "n"} and 10% PO
 one new event, users drawn from a Zipf law. Reports p50 / p90 / p99 / max latency per endpoint,
 errors, the share of personal answers, the achieved rate and the machine's load average, and
 stops the server. Loopback only; bounded in count and time.
+
+With --reload-at S the server watches the artifact root (`serve --reload-every 1`) and S seconds into
+the run a new version is published (a copy of the current one under a new name, CURRENT switched):
+recommend latency is reported for the 10 s before, the 10 s after and the rest, with the time the
+first answer came from the new version; --reload-control keeps the setup and publishes nothing.
 """
 
 from __future__ import annotations
