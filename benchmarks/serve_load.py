@@ -52,6 +52,22 @@ def start_server(artifact: Path, port: int, workers: int, store: str, log: Path,
                                 env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def publish_rollback(root: Path) -> str:
+    """Switch CURRENT to the newest other version already under `root` (a rollback: no file is written but
+    CURRENT). Returns its name."""
+    from facetrec.io import atomic_write
+    from facetrec.serving.artifacts import resolve_version
+
+    cur = resolve_version(root).name
+    others = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != cur),
+                    key=lambda d: d.stat().st_mtime)
+    if not others:
+        raise SystemExit(f"--reload-rollback: {root} holds no other version to switch to")
+    name = others[-1].name
+    atomic_write(root / "CURRENT", lambda f: f.write(name.encode()))
+    return json.loads((root / name / "manifest.json").read_text()).get("version", name)
+
+
 def publish_copy(root: Path) -> str:
     """A new version under `root`: a copy of the current one under a new name (its manifest renamed too), then
     CURRENT switched, as `facetrec export` leaves it; a server with --reload-every loads it. Returns its name."""
@@ -200,7 +216,8 @@ def breakdown(version: Path, users: int, n: int, seed: int) -> dict:
 
 
 async def run_load(base: str, users: list[str], items: list, rate: float, seconds: float, zipf: float, seed: int,
-                   n: int, reload_at: float = 0.0, root: Path | None = None, publish: bool = True) -> dict:
+                   n: int, reload_at: float = 0.0, root: Path | None = None, publish: bool = True,
+                   rollback: bool = False) -> dict:
     import httpx
 
     rng = np.random.default_rng(seed)
@@ -255,7 +272,8 @@ async def run_load(base: str, users: list[str], items: list, rate: float, second
         async def publish_at() -> None:  # a new export appears mid-run (the copy runs off the event loop)
             await asyncio.sleep(max(0.0, start + reload_at - time.perf_counter()))
             published["at"] = time.perf_counter() - start
-            published["name"] = await asyncio.to_thread(publish_copy, root) if publish else ""
+            how = publish_rollback if rollback else publish_copy
+            published["name"] = await asyncio.to_thread(how, root) if publish else ""
 
         extra = [publish_at()] if reload_at > 0 and root is not None else []
         await asyncio.gather(*(one(i, start + i / rate) for i in range(total)), *extra)
@@ -342,6 +360,9 @@ def main() -> None:
     ap.add_argument("--reload-at", type=float, default=0.0,
                     help="serve the artifact root with --reload-every 1 and publish a copy of the current version as a "
                          "new one this many seconds into the rate test: latency before, around and after the swap")
+    ap.add_argument("--reload-rollback", action="store_true",
+                    help="with --reload-at: publish by pointing CURRENT at the newest other version already there "
+                         "(writes no files), instead of writing a copy")
     ap.add_argument("--reload-control", action="store_true",
                     help="with --reload-at: the same run and windows, but nothing is published (the control)")
     ap.add_argument("--ef-search", type=int, nargs="*", default=None,
@@ -402,7 +423,8 @@ def main() -> None:
             res = asyncio.run(run_sequential(f"http://127.0.0.1:{port}", users, args.sequential, args.n, proc.pid, args.seed))
         else:
             res = asyncio.run(run_load(f"http://127.0.0.1:{port}", users, items, args.rate, args.seconds, args.zipf,
-                                       args.seed, args.n, args.reload_at, args.artifact, not args.reload_control))
+                                       args.seed, args.n, args.reload_at, args.artifact, not args.reload_control,
+                                       args.reload_rollback))
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
