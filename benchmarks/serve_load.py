@@ -15,7 +15,8 @@ stops the server. Loopback only; bounded in count and time.
 With --reload-at S the server watches the artifact root (`serve --reload-every 1`) and S seconds into
 the run a new version is published (a copy of the current one under a new name, CURRENT switched):
 recommend latency is reported for the 10 s before, the 10 s after and the rest, with the time the
-first answer came from the new version; --reload-control keeps the setup and publishes nothing.
+first answer came from the new version; --reload-control keeps the setup and publishes nothing;
+--reload-rollback publishes by pointing CURRENT at a version already there (writes no files).
 """
 
 from __future__ import annotations
