@@ -29,7 +29,7 @@ import numpy as np
 import polars as pl
 
 from facetrec.config import Config, PrepareConfig
-from facetrec.data.readers import RawLog, read_log
+from facetrec.data.readers import RawLog, read_log, served_event_files
 from facetrec.errors import DataError
 
 FORMAT_VERSION = 1
@@ -336,8 +336,7 @@ def prepared_key(cfg: Config) -> str:
                         sort_keys=True).encode())
     root = resolve_data_root(cfg.data.root)
     names = [cfg.data.interactions, cfg.data.metadata, cfg.data.movies, *[t.file for t in cfg.data.item_tables]]
-    extra = [Path(os.path.expandvars(os.path.expanduser(n))) for n in cfg.data.extra_events]
-    for path in [root / n for n in filter(None, names)] + extra:
+    for path in [root / n for n in filter(None, names)] + served_event_files(cfg.data):
         if not path.exists():
             continue
         st = path.stat()

@@ -60,9 +60,14 @@ def read_log(cfg: DataConfig, lenient: bool = False) -> RawLog:
             f"e.g. --set data.root=/path/to/{cfg.name} (or set $FACETREC_DATA for ../shared/data)"
         )
     log = readers[cfg.format](cfg, root, lenient)
-    for name in cfg.extra_events:
-        log = add_served_events(log, Path(os.path.expandvars(os.path.expanduser(name))), lenient)
+    for path in served_event_files(cfg):
+        log = add_served_events(log, path, lenient)
     return log
+
+
+def served_event_files(cfg: DataConfig) -> list[Path]:
+    """The `data.extra_events` files (`~` and environment variables expanded; relative to the working folder)."""
+    return [Path(os.path.expandvars(os.path.expanduser(name))) for name in cfg.extra_events]
 
 
 SERVED_COLUMNS = ("user_id", "item_id", "timestamp")  # what `facetrec dump-events` writes (tab-separated, header)

@@ -62,8 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from facetrec.errors import FacetrecError
-from facetrec.serving.batch import STORE_READ, stored_history
-from facetrec.serving.pipeline import Pipeline, UnknownItems
+from facetrec.serving.pipeline import STORE_READ, Pipeline, UnknownItems, stored_history
 from facetrec.serving.store import STORE_ERRORS, Event, UserStore
 
 log = logging.getLogger("facetrec.serving")
@@ -291,7 +290,7 @@ class LivePipeline:
         self.every = float(every)
         self.error: Optional[str] = None
         self.reloads = {"ok": 0, "failed": 0}
-        self._load = load or (lambda version: Pipeline(version))
+        self._load = load or Pipeline
         self._failed: Optional[str] = None
 
     def check(self) -> bool:

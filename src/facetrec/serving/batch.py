@@ -17,21 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-import numpy as np
-
-from facetrec.serving.pipeline import Pipeline
+from facetrec.serving.pipeline import STORE_READ, Pipeline, stored_history
 from facetrec.serving.store import UserStore
-
-STORE_READ = 1000  # most recent stored events read per user (model window + seen-item exclusion)
-
-
-def stored_history(pipeline: Pipeline, items: list[str], count: int) -> tuple[np.ndarray, int]:
-    """A user's model input from the store: the most recent `items` (raw ids, oldest first) -> internal
-    ids, skipping those the catalogue no longer has, and the event count K'_u reads (`count` minus
-    the skipped ones among them)."""
-    hist = pipeline.encode(items, drop_unknown=True)
-    return hist, count - (len(items) - len(hist))
-
 
 def _histories(store: UserStore, users: Iterable[str] | None) -> Iterator[tuple[str, list[str], int]]:
     """(user, most recent STORE_READ items, event count) for the listed users, or every stored user."""

@@ -25,9 +25,9 @@ from facetrec.data.prepare import ensure_prepared
 from facetrec.errors import ConfigError
 from facetrec.io import write_json
 from facetrec.serving.artifacts import write_version
-from facetrec.train.build import MULTITASK, make_config, model_spec
+from facetrec.train.build import MULTITASK, model_spec
 from facetrec.train.loop import load_checkpoint
-from facetrec.train.run import load_run_config, model_name
+from facetrec.train.run import build_run_model, load_run_config, model_name
 
 
 def _sha(path: Path) -> str:
@@ -35,8 +35,6 @@ def _sha(path: Path) -> str:
 
 
 def _load_run(run_dir: Path, prep: Prepared | None = None):
-    from facetrec.train.build import build_model
-
     cfg = load_run_config(run_dir)
     name = model_name(cfg)
     best = run_dir / "best.pt"
@@ -45,17 +43,10 @@ def _load_run(run_dir: Path, prep: Prepared | None = None):
     if not best.exists():
         raise ConfigError(f"{run_dir} has no best.pt: train it first (facetrec train ... --set run.dir={run_dir})")
     prep = prep or Prepared(ensure_prepared(cfg, verbose=False))
-    if name in MULTITASK:  # tasks and n_users come from the data, as in training
-        from facetrec.train.multitask import model_config
-
-        _, mcfg = model_config(cfg, prep)
-    else:
-        params = {k: v for k, v in cfg.model.items() if k != "name"}
-        mcfg = make_config(name, params, prep.n_items)
-    model = build_model(name, mcfg, prep.feature_tensors(), prep.field_vocab)
+    model = build_run_model(cfg, prep)
     model.load_state_dict(load_checkpoint(best)["model"])
     model.eval()
-    return cfg, name, mcfg, model, prep
+    return cfg, name, model.cfg, model, prep
 
 
 def _save_weights(model: torch.nn.Module, path: Path) -> None:

@@ -188,9 +188,13 @@ class Pipeline:
         """The window the model reads, on the host (explanations index it; no copy back from the device)."""
         return hist[-self.max_history:]
 
+    def _event_count(self, hist: np.ndarray, n_events: int | None) -> int:
+        """|I_u|: the given count (the store's), else the history's length; never below the window read."""
+        return max(int(n_events) if n_events is not None else len(hist), min(len(hist), self.max_history))
+
     def _route(self, hist: np.ndarray, n_events: int | None):
         h, m = self._window(hist)
-        n = max(int(n_events) if n_events is not None else len(hist), h.shape[1])
+        n = self._event_count(hist, n_events)
         return h, m, self.retrieval.route(h, m, torch.tensor([n], device=self.device))  # eval mode: salt 0
 
     def _explain(self, r, window: np.ndarray) -> dict[int, Interest]:
@@ -269,8 +273,8 @@ class Pipeline:
             if self.rank_task is None:
                 logits = self.ranking.score_candidates(h[0], m[0], cand, user=uid)  # (N,)
             else:  # (N, K) -> the export's task; the whole history's length, as training's samples give it
-                n_all = max(int(n_events) if n_events is not None else len(hist), h.shape[1])
-                logits = self.ranking.score_candidates(h[0], m[0], cand, user=uid, n_events=n_all)[:, self._task_col]
+                logits = self.ranking.score_candidates(h[0], m[0], cand, user=uid,
+                                                       n_events=self._event_count(hist, n_events))[:, self._task_col]
             final = torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64)
         order = np.argsort(-final, kind="stable")[:n]
         why = self._explain(r, self._recent(hist))
@@ -329,6 +333,17 @@ class Pipeline:
             if int(i) not in taken:
                 out.append(Recommended(self.raw_items[int(i)], 0.0, 0.0, -1, []))
         return out
+
+
+STORE_READ = 1000  # most recent stored events read per user (model window + seen-item exclusion)
+
+
+def stored_history(pipeline: Pipeline, items: list[str], count: int) -> tuple[np.ndarray, int]:
+    """A user's model input from the store, for the API and `facetrec recommend` alike: the most recent
+    `items` (raw ids, oldest first) -> internal ids, skipping those the catalogue no longer has, and the
+    event count K'_u reads (`count` minus the skipped ones among them)."""
+    hist = pipeline.encode(items, drop_unknown=True)
+    return hist, count - (len(items) - len(hist))
 
 
 def _recent_distinct(hist: np.ndarray, k: int) -> np.ndarray:

@@ -248,6 +248,23 @@ def check_eval_overrides(overrides: list[str]) -> None:
                               f"that data instead (facetrec train CONFIG --set {o})")
 
 
+def build_run_model(cfg: Config, prep: Prepared) -> torch.nn.Module:
+    """The untrained model of a run's config, shaped as training built it (its checkpoint's weights fit it;
+    the multi-task models' tasks and user count come from the data). Its typed config is `model.cfg`."""
+    name = model_name(cfg)
+    if name in RETRIEVAL:
+        from facetrec.train.retrieval import build_mind
+
+        return build_mind(cfg, prep)
+    if name in MULTITASK:
+        from facetrec.train.multitask import build_ple
+
+        return build_ple(cfg, prep, fresh=False)
+    from facetrec.train.ranking import ranking_model
+
+    return ranking_model(cfg, prep)
+
+
 def evaluate(run_dir: str | Path, progress: bool = True, overrides: list[str] | None = None,
              out_path: str | Path | None = None) -> dict[str, Any]:
     """Recompute metrics.json of a finished run from its config and best weights.
@@ -274,18 +291,7 @@ def evaluate(run_dir: str | Path, progress: bool = True, overrides: list[str] | 
         best = run_dir / "best.pt"
         if not best.exists():
             raise ConfigError(f"{run_dir} has no best.pt; train first (facetrec train CONFIG --set run.dir={run_dir})")
-        if name in ("mind", "youtubednn"):
-            from facetrec.train.retrieval import build_mind
-
-            model = build_mind(cfg, prep)
-        elif name in MULTITASK:
-            from facetrec.train.multitask import build_ple
-
-            model = build_ple(cfg, prep, run_dir, fresh=False)
-        else:
-            from facetrec.train.ranking import ranking_model
-
-            model = ranking_model(cfg, prep)
+        model = build_run_model(cfg, prep)
         try:
             model.load_state_dict(load_checkpoint(best)["model"])
         except RuntimeError as e:
