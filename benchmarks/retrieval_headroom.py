@@ -45,22 +45,22 @@ from facetrec.train.run import load_run_config  # noqa: E402
 N = 50
 
 
-def ranks_of_targets(V: np.ndarray, valid: np.ndarray, E: np.ndarray, hist: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Rank (0 = best) of each target under each interest, history excluded: (K, T); invalid interests inf.
-
-    V (K, D) one user's interests, E (N_items, D) item vectors (row i-1 = item i), hist and targets item ids."""
-    S = V @ E.T  # (K, N_items)
-    S[:, hist - 1] = -np.inf
-    t = S[:, targets - 1]  # (K, T)
-    r = (S[:, None, :] > t[:, :, None]).sum(-1).astype(np.float64)  # (K, T): items scored above the target
-    r[~valid] = np.inf
-    return r
+def per_user(es, off: np.ndarray, hist_items: np.ndarray, V: np.ndarray, valid: np.ndarray, E: np.ndarray):
+    """For each evaluated user u: (u, scores (K'_u, N_items) of its valid interests with its history items at
+    -inf, its distinct target ids). E (N_items, D) item vectors, row i-1 = item i."""
+    for u in range(len(es.users)):
+        S = V[u][valid[u]] @ E.T
+        S[:, hist_items[off[u]:off[u + 1]] - 1] = -np.inf
+        yield u, S, np.unique(es.target_items[es.target_offsets[u]:es.target_offsets[u + 1]])
 
 
-def quota_list(V: np.ndarray, valid: np.ndarray, E: np.ndarray, hist: np.ndarray, n: int) -> np.ndarray:
-    """Round robin over the valid interests by rank, repeats skipped, n items."""
-    S = V[valid] @ E.T
-    S[:, hist - 1] = -np.inf
+def ranks(S: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Rank (0 = best) of each target under scores S (..., N_items): items scored above it, (..., T)."""
+    return (S[..., None, :] > S[..., targets - 1][..., None]).sum(-1)
+
+
+def quota_list(S: np.ndarray, n: int) -> np.ndarray:
+    """Round robin over the valid interests' scores S (K'_u, N_items) by rank, repeats skipped, n items."""
     order = np.argsort(-S, axis=1, kind="stable")[:, : n * len(S)] + 1  # (K', n K') item ids
     out: list[int] = []
     seen: set[int] = set()
@@ -95,15 +95,10 @@ def offset_recall(model, prep: Prepared, E: np.ndarray, split: str, protocol: st
     share = vote_shares(model, prep, es.users, es.ends)
     off, hist_items = history_csr(prep, es.users, es.ends)
     hits = {b: [] for b in betas}
-    for u in range(len(es.users)):
-        hist = hist_items[off[u]:off[u + 1]]
-        targets = np.unique(es.target_items[es.target_offsets[u]:es.target_offsets[u + 1]])
-        S = V[u][valid[u]] @ E.T
-        S[:, hist - 1] = -np.inf
+    for u, S, targets in per_user(es, off, hist_items, V, valid, E):
         logs = np.log(np.maximum(share[u][valid[u]], 1e-12))[:, None]
         for b in betas:
-            best = (S + b * logs).max(0)
-            hits[b].append(float(((best[None, :] > best[targets - 1][:, None]).sum(1) < N).mean()))
+            hits[b].append(float((ranks((S + b * logs).max(0), targets) < N).mean()))
     return {str(b): float(np.mean(v)) for b, v in hits.items()}
 
 
@@ -127,19 +122,12 @@ def analyse(run: Path, betas: list[float] | None = None) -> dict:
     if model.cfg.pooling == "routing" and model.cfg.dynamic_k and model.cfg.n_interests == 4:
         assert (valid.sum(1) == kprime).all(), "K'_u here differs from the model's: the budget would not match"
     quota = np.zeros((len(es.users), N), dtype=np.int64)
-    for u in range(len(es.users)):
-        hist = hist_items[off[u]:off[u + 1]]
-        targets = np.unique(es.target_items[es.target_offsets[u]:es.target_offsets[u + 1]])
-        r = ranks_of_targets(V[u], valid[u], E, hist, targets)
-        # max merge: rank under the best-interest score = items whose best score beats the target's
-        S = V[u][valid[u]] @ E.T
-        S[:, hist - 1] = -np.inf
-        best = S.max(0)
-        rank_max = (best[None, :] > best[targets - 1][:, None]).sum(1)
+    for u, S, targets in per_user(es, off, hist_items, V, valid, E):
+        rank_max = ranks(S.max(0), targets)  # max merge: items whose best score beats the target's
         rec["max"].append(float((rank_max < N).mean()))
-        rec["oracle"].append(float((r.min(0) < N).mean()))
+        rec["oracle"].append(float((ranks(S, targets).min(0) < N).mean()))  # its best interest's own rank
         rec["max_kslots"].append(float((rank_max < N * kprime[u]).mean()))
-        quota[u] = quota_list(V[u], valid[u], E, hist, N)
+        quota[u] = quota_list(S, N)
     out = {"run": str(run), "model": cfg.model.get("name"), "users": int(len(es.users)),
            "recall@50_library": lib,
            "recall@50_max": float(np.mean(rec["max"])),
