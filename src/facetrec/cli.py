@@ -98,10 +98,10 @@ def evaluate(
     run_dir: Path = typer.Argument(..., help="A run directory written by `facetrec train`."),
     set_: Optional[List[str]] = typer.Option(
         None, "--set", help="Score the best weights under a changed config key, e.g. --set model.uie.memory_at_eval=false "
-                            "(repeatable; needs --out; refused: a key that changes the model's shape, train.* / run.* keys "
-                            "that only training reads — train.top_m, index, index_params, max_eval_users, threads and "
-                            "device are the evaluation's — and data.* / prepare.* keys but prepare.max_history, "
-                            "which change what the ids mean)."),
+                            "(repeatable; needs --out; refused: a key that changes the model's shape, keys that only training "
+                            "reads — run.*, train.* but top_m, index, index_params, max_eval_users, threads and device, "
+                            "model.* keys such as temperature, aux_alpha, dropout, warm_start and uie.rho — and "
+                            "data.* / prepare.* keys but prepare.max_history, which change what the ids mean)."),
     out: Optional[Path] = typer.Option(None, "--out", help="With --set: write the metrics here, not to the run's metrics.json."),
 ) -> None:
     """Recompute a run's metrics.json from its config and best weights (or, with --set, score them under a changed config)."""

@@ -223,9 +223,12 @@ def test_tiny_ple_uie_train_writes_the_metrics_shape(rated_log, tmp_path, monkey
     assert {f: (run / f).read_bytes() for f in before} == before
     # refused: overrides without --out, --out without overrides, an override that changes the weights' shapes
     for args in (["--set", "model.uie.memory_at_eval=false"], ["--out", str(alt)],
+                 ["--set", "model.uie.rho=0.5", "--out", str(tmp_path / "x.json")],
+                 ["--set", "model.dropout=0.3", "--out", str(tmp_path / "x.json")],
                  ["--set", "model.embed_dim=16", "--out", str(tmp_path / "x.json")]):
         res = CliRunner().invoke(app, ["evaluate", str(run), *args])
         assert res.exit_code == 2 and "error:" in res.output, (args, res.output)
+        assert "read only by training" in res.output or args[1] != "model.uie.rho=0.5", res.output
     assert "changes the model's shape" in res.output and not (tmp_path / "x.json").exists()
 
     # warm start: a PLE + UIE run from the trained one loads every tensor (memories included)

@@ -83,6 +83,9 @@ def test_evaluate_scores_a_retrieval_run_under_a_changed_setting_without_touchin
     for key in ("train.lr=0.1", "train.n_negatives=5", "run.dir=elsewhere"):  # read by training only: refused
         bad = CliRunner().invoke(app, ["evaluate", str(run), "--set", key, "--out", str(tmp_path / "x.json")])
         assert bad.exit_code == 2 and f"--set {key}: {key.split('=')[0]} is not read" in bad.output, bad.output
+    for key in ("model.temperature=0.5", "model.warm_start=elsewhere"):  # model keys only training reads: refused
+        bad = CliRunner().invoke(app, ["evaluate", str(run), "--set", key, "--out", str(tmp_path / "x.json")])
+        assert bad.exit_code == 2 and f"--set {key}: {key.split('=')[0]} is read only by training" in bad.output, bad.output
     for key in ("data.root=/elsewhere", "prepare.min_item_events=1"):  # other data under the same ids: refused
         bad = CliRunner().invoke(app, ["evaluate", str(run), "--set", key, "--out", str(tmp_path / "x.json")])
         assert bad.exit_code == 2 and "changes the prepared data" in bad.output, bad.output

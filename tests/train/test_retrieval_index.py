@@ -93,3 +93,31 @@ def test_a_bad_retrieval_loss_setting_is_refused_before_training(synth_prepared,
     cfg = load_config(CONFIG, ["model.name=mind", "model.dim=8", "model.hidden=[8]", *setting.split()])
     with pytest.raises(ConfigError, match=message):
         retrieval_task(cfg, prep, build_mind(cfg, prep))
+
+
+def test_mind_warm_starts_from_a_youtube_dnn_checkpoint(synth_prepared, tmp_path):
+    """model.warm_start: a fresh MIND takes every tensor of a YouTube DNN run that fits it by name and shape
+    (item tower, MLP, S), says so in warm_start.json; a resumed run (fresh=False) keeps its own weights."""
+    import json
+
+    from facetrec.train.loop import save_checkpoint
+    from facetrec.train.retrieval import build_mind
+
+    prep = Prepared(synth_prepared[0])
+    sets = ["model.dim=8", "model.hidden=[8]"]
+    torch.manual_seed(0)
+    ytb = build_mind(load_config(CONFIG, ["model.name=youtubednn", "model.n_interests=1", *sets]), prep)
+    save_checkpoint(tmp_path / "ytb" / "best.pt", {"model": ytb.state_dict()})
+    cfg = load_config(CONFIG, ["model.name=mind", *sets, f"model.warm_start={tmp_path / 'ytb'}"])
+    torch.manual_seed(1)
+    mind = build_mind(cfg, prep, tmp_path / "run", fresh=True)
+    for k, v in ytb.state_dict().items():
+        assert torch.equal(mind.state_dict()[k], v), k
+    report = json.loads((tmp_path / "run" / "warm_start.json").read_text())
+    assert report["loaded"] == len(ytb.state_dict()) and report["skipped"] == []
+    torch.manual_seed(1)
+    resumed = build_mind(cfg, prep, tmp_path / "run2", fresh=False)
+    assert not torch.equal(resumed.items.table, ytb.items.table) and not (tmp_path / "run2").exists()
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        build_mind(load_config(CONFIG, ["model.name=mind", *sets, f"model.warm_start={tmp_path / 'none'}"]), prep,
+                   fresh=True)

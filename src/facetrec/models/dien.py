@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Tuple
+from typing import ClassVar, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +62,9 @@ class DIENConfig:
         >>> DIENConfig(n_items=1000).evolution
         'augru'
     """
+
+    # keys only training reads (losses, initialisation, memory updates): `evaluate --set` refuses them
+    TRAINING_ONLY: ClassVar[tuple[str, ...]] = ("aux_alpha", "aux_detach", "aux_shared_negatives", "aux_horizon")
 
     n_items: int  # item vocabulary incl. padding id 0
     embed_dim: int = 32  # per field: the item embedding is E_id[i] ⊕ E_cat[c(i)], so D = 2 * embed_dim

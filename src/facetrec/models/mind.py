@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Union
+from typing import ClassVar, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,9 @@ class MINDConfig:
         >>> MINDConfig(n_items=1000, n_interests=8).routing_iters
         3
     """
+
+    # keys only training reads (losses, initialisation, memory updates): `evaluate --set` refuses them
+    TRAINING_ONLY: ClassVar[tuple[str, ...]] = ("temperature", "s_init", "warm_start")
 
     n_items: int  # item vocabulary incl. padding id 0
     dim: int = 64  # D: item, capsule and interest vector size
@@ -63,6 +66,7 @@ class MINDConfig:
     interest_bias: bool = False  # each interest also outputs an offset c_k: score = v_k · e + c_k (vectors carry it as a D+1-th coordinate)
     global_interest: bool = False  # one more interest slot K+1: the whole-history capsule squash(Σ_i S c_i) (K = 1's), valid when K'_u >= 2
     s_init: str = "xavier"  # the bilinear map S starts as xavier-uniform noise | "identity": ĉ_i = c_i, routing starts by clustering the items themselves
+    warm_start: str = ""  # training: a run dir or .pt whose matching weights initialise this model (e.g. a YouTube DNN run: same item tower and MLP)
 
     def __post_init__(self) -> None:
         if self.n_items < 2:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, List, NamedTuple, Optional, Tuple
+from typing import ClassVar, Any, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,9 @@ class PLEConfig:
         >>> PLEConfig(n_items=100, tasks=("engaged", "liked")).levels
         2
     """
+
+    # keys only training reads (losses, initialisation, memory updates): `evaluate --set` refuses them
+    TRAINING_ONLY: ClassVar[tuple[str, ...]] = ("aux_alpha", "dropout", "task_weights", "warm_start")
 
     n_items: int  # item vocabulary incl. padding 0
     tasks: tuple[str, ...] = ()  # task names (see TASKS); the first is the engaged/click task. () = from the data

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import ClassVar, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,9 @@ class UIEConfig:
         >>> UIEConfig(clusters=16).top_k
         3
     """
+
+    # keys only training reads (losses, initialisation, memory updates): `evaluate --set` refuses them
+    TRAINING_ONLY: ClassVar[tuple[str, ...]] = ("rho", "ucbe_alpha", "user_lr", "update_size", "buckets", "init", "reseed_every", "reseed_noise", "seed")
 
     clusters: int = 64  # C, centres in each memory
     rho: float = 0.05  # stream-clustering rate: c <- c + rho (v - c)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
 from facetrec.config import coerce
 from facetrec.errors import ConfigError
+from facetrec.io import write_json
 
 RETRIEVAL = ("mind", "youtubednn")
 RANKING = ("dien", "din", "base")
@@ -30,6 +32,17 @@ def _config_class(name: str):
 
         return PLEConfig
     raise ConfigError(f"model {name!r} is not one of {', '.join(RETRIEVAL + RANKING + MULTITASK)}")
+
+
+def training_only_keys(name: str) -> tuple[str, ...]:
+    """The model.* keys of model `name` that only training reads (its config classes' TRAINING_ONLY;
+    UIE's as `uie.KEY`): evaluating trained weights under another value changes nothing."""
+    keys = tuple(_config_class(name).TRAINING_ONLY)
+    if name == "ple-uie":
+        from facetrec.models.uie import UIEConfig
+
+        keys += tuple(f"uie.{k}" for k in UIEConfig.TRAINING_ONLY)
+    return keys
 
 
 def _model_class(name: str):
@@ -88,3 +101,31 @@ def model_from_spec(spec: dict[str, Any], item_features: dict[str, torch.Tensor]
     name = spec["name"]
     mcfg = make_config(name if name != "youtubednn" else "mind", cfg, n_items)
     return build_model(name, mcfg, item_features, field_vocab)
+
+
+def warm_start(model: torch.nn.Module, path: Path) -> dict[str, Any]:
+    """Copy every tensor of a trained checkpoint whose name and shape match (run dir -> its best.pt)."""
+    from facetrec.train.loop import load_checkpoint
+
+    ck = path / "best.pt" if path.is_dir() else path
+    if not ck.exists():
+        raise ConfigError(f"model.warm_start {path}: no checkpoint at {ck}; give a finished run dir or a .pt file")
+    saved = load_checkpoint(ck)["model"]
+    own = model.state_dict()
+    take = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
+    if not take:
+        raise ConfigError(f"model.warm_start {ck}: no tensor matches this model by name and shape; "
+                          f"is it a run of the same model family?")
+    model.load_state_dict(take, strict=False)
+    return {"from": str(ck), "loaded": len(take), "skipped": sorted(set(own) - set(take))}
+
+
+def apply_warm_start(model: torch.nn.Module, source: str, run_dir: Optional[Path], fresh: bool) -> None:
+    """`model.warm_start` on a fresh run (a resumed one keeps its own weights): load, say so, and
+    leave `warm_start.json` in the run dir."""
+    if not (fresh and source):
+        return
+    report = warm_start(model, Path(source))
+    print(f"warm start from {source}: {report['loaded']} tensors loaded, {len(report['skipped'])} kept fresh")
+    if run_dir is not None:
+        write_json(Path(run_dir) / "warm_start.json", report)

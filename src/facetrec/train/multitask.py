@@ -28,8 +28,8 @@ from facetrec.errors import ConfigError, DataError
 from facetrec.eval.metrics import auc, bucket_labels, bucket_of, gauc, logloss, ranking_by_bucket
 from facetrec.io import write_json
 from facetrec.models.ple import PLE, PLEConfig, multitask_loss
-from facetrec.train.build import build_model, make_config
-from facetrec.train.loop import Task, load_checkpoint
+from facetrec.train.build import apply_warm_start, build_model, make_config
+from facetrec.train.loop import Task
 from facetrec.train.l2 import embed_l2_term, inverse_item_frequencies, mini_batch_l2
 from facetrec.train.ranking import epoch_negatives, redraw_negative_targets
 
@@ -136,26 +136,8 @@ def build_ple(cfg: Config, prep: Prepared, run_dir: Optional[Path] = None, fresh
     """PLE / PLE + UIE from the config; on a fresh run, `model.warm_start` loads the matching weights of a trained run."""
     name, mcfg = model_config(cfg, prep)
     model = build_model(name, mcfg, prep.feature_tensors(), prep.field_vocab)
-    if fresh and mcfg.warm_start:
-        report = warm_start(model, Path(mcfg.warm_start))
-        print(f"warm start from {mcfg.warm_start}: {report['loaded']} tensors loaded, {len(report['skipped'])} kept fresh")
-        if run_dir is not None:
-            write_json(Path(run_dir) / "warm_start.json", report)
+    apply_warm_start(model, mcfg.warm_start, run_dir, fresh)
     return model
-
-
-def warm_start(model: torch.nn.Module, path: Path) -> dict[str, Any]:
-    """Copy every tensor of a trained checkpoint whose name and shape match (run dir -> its best.pt)."""
-    ck = path / "best.pt" if path.is_dir() else path
-    if not ck.exists():
-        raise ConfigError(f"model.warm_start {path}: no checkpoint at {ck}; give a finished run dir or a .pt file")
-    saved = load_checkpoint(ck)["model"]
-    own = model.state_dict()
-    take = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
-    if not take:
-        raise ConfigError(f"model.warm_start {ck}: no tensor matches this model by name and shape; is it a PLE / PLE + UIE run?")
-    model.load_state_dict(take, strict=False)
-    return {"from": str(ck), "loaded": len(take), "skipped": sorted(set(own) - set(take))}
 
 
 def history_cuts(n: int, share: float, longest: int, seed: int) -> np.ndarray:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from facetrec.eval.metrics import bucket_labels, bucket_of, topn_by_bucket, topn
 from facetrec.index.ann import ann_recall, build_index, multi_interest_search
 from facetrec.models.losses import NEGATIVE_MODES, NEGATIVE_SCORES, NegativeSampler, interest_similarity, retrieval_loss
 from facetrec.models.mind import MIND
-from facetrec.train.build import build_model, make_config
+from facetrec.train.build import apply_warm_start, build_model, make_config
 from facetrec.train.distributed import all_gather_rows, global_shares
 from facetrec.train.l2 import embed_l2_term, inverse_item_frequencies
 from facetrec.train.loop import Task
@@ -51,11 +52,15 @@ def _history_buckets(per: dict[str, np.ndarray], es: RetrievalEvalSet) -> dict[s
     return {b: {k: v for k, v in m.items() if v == v} for b, m in out.items()}  # an empty bucket: its count only (no NaN in JSON)
 
 
-def build_mind(cfg: Config, prep: Prepared) -> MIND:
-    """MIND (or YouTube DNN: K = 1, mean pooling) from the config's model section."""
+def build_mind(cfg: Config, prep: Prepared, run_dir: Optional[Path] = None, fresh: bool = False) -> MIND:
+    """MIND (or YouTube DNN: K = 1, mean pooling) from the config's model section; on a fresh
+    training run, `model.warm_start` loads the matching weights of a trained run."""
     params = dict(cfg.model)
     name = params.pop("name", "mind")
-    return build_model(name, make_config(name, params, prep.n_items), prep.feature_tensors(), prep.field_vocab)
+    mcfg = make_config(name, params, prep.n_items)
+    model = build_model(name, mcfg, prep.feature_tensors(), prep.field_vocab)
+    apply_warm_start(model, mcfg.warm_start, run_dir, fresh)
+    return model
 
 
 @torch.no_grad()

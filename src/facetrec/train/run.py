@@ -22,7 +22,7 @@ from facetrec.data.dataset import Prepared, retrieval_eval_set
 from facetrec.data.prepare import ensure_prepared
 from facetrec.errors import ConfigError
 from facetrec.io import write_json
-from facetrec.train.build import MULTITASK, RANKING, RETRIEVAL
+from facetrec.train.build import MULTITASK, RANKING, RETRIEVAL, training_only_keys
 from facetrec.train.loop import FitResult, fit, load_checkpoint
 
 ALL_MODELS = ("popularity", *RETRIEVAL, *RANKING, *MULTITASK)
@@ -133,7 +133,7 @@ def train(cfg: Config, progress: bool = True, rank: int = 0, world: int = 1) -> 
     elif name in ("mind", "youtubednn"):
         from facetrec.train.retrieval import build_mind, retrieval_task
 
-        model = build_mind(cfg, prep).to(device)
+        model = build_mind(cfg, prep, run_dir, fresh=not (run_dir / "last.pt").exists()).to(device)
         result = fit(retrieval_task(cfg, prep, model, device, rank, world), cfg.train, run_dir, rank=rank, progress=progress)
         metrics = _retrieval_metrics(cfg, prep, model, device)
     elif name in MULTITASK:
@@ -228,9 +228,10 @@ EVAL_TRAIN_KEYS = ("top_m", "index", "index_params", "max_eval_users", "threads"
 EVAL_PREPARE_KEYS = ("max_history",)
 
 
-def check_eval_overrides(overrides: list[str]) -> None:
+def check_eval_overrides(overrides: list[str], model: str | None = None) -> None:
     """Refuse `evaluate --set` keys that cannot change what evaluation computes (train.* settings that only
-    training reads: they would be recorded in `evaluated_with` and change nothing; run.*), and keys that
+    training reads: they would be recorded in `evaluated_with` and change nothing; run.*; with the run's
+    model name, its model.* keys that only training reads, `training_only_keys`), and keys that
     change the data under the weights (data.*, and prepare.* but max_history: the ids the weights were
     trained for would mean other items)."""
     for o in overrides:
@@ -242,6 +243,13 @@ def check_eval_overrides(overrides: list[str]) -> None:
                               f"nothing; evaluation reads {', '.join('train.' + k for k in EVAL_TRAIN_KEYS)}, "
                               f"prepare.max_history and the model.* settings that leave the weights' shapes alone "
                               f"(retrain with facetrec train CONFIG --set {o} to change training)")
+        if section == "model" and model in RETRIEVAL + RANKING + MULTITASK:
+            sub = key.split(".")[1:3]
+            dotted = ".".join(sub if sub[:1] == ["uie"] else sub[:1])
+            if dotted in training_only_keys(model):
+                raise ConfigError(f"--set {o}: model.{dotted} is read only by training (the loss, the initialisation "
+                                  f"or the memory updates), so the trained weights would score the same under it; "
+                                  f"retrain to see its effect (facetrec train CONFIG --set {o})")
         if section == "data" or (section == "prepare" and name not in EVAL_PREPARE_KEYS):
             raise ConfigError(f"--set {o}: {key} changes the prepared data, so the run's item and user ids would "
                               f"name other items and users than the ones its weights were trained on; retrain on "
@@ -282,6 +290,7 @@ def evaluate(run_dir: str | Path, progress: bool = True, overrides: list[str] | 
     check_eval_overrides(overrides)
     cfg = load_run_config(run_dir, overrides)
     name = model_name(cfg)
+    check_eval_overrides(overrides, name)
     prep = Prepared(ensure_prepared(cfg, verbose=progress))
     device = resolve_device(cfg.train.device)
     old = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
