@@ -6,7 +6,8 @@
 
 Each `--job "NAME=CONFIG [key=value ...]"` (or line of `--job-file`) is trained once per seed into RUNS/NAME-sSEED (a run
 whose metrics.json exists is read, not retrained, so an interrupted grid resumes). `--set` adds
-overrides to every job (e.g. `train.device=cuda data.root=...`). The data is prepared once before
+overrides to every job (e.g. `train.device=cuda data.root=...`); `{seed}` in an override is the
+run's seed (`model.warm_start=runs/ytb/youtubednn-s{seed}`). The data is prepared once before
 the processes start. `-j` processes run at once, each with `train.threads=1` unless --set says
 otherwise: on a GPU machine with many cores, many small runs share the device (a run of
 MIND on amazon-beauty is bound by its host-side batching, not the GPU). Prints, per job, mean ±
@@ -111,7 +112,8 @@ def main() -> None:
         if not metrics_path.exists():
             t0 = time.perf_counter()
             try:
-                p = subprocess.run(command(config, [*extra, *common, f"train.seed={seed}", f"run.dir={run_dir}"]),
+                per_seed = [o.replace("{seed}", str(seed)) for o in [*extra, *common]]
+                p = subprocess.run(command(config, [*per_seed, f"train.seed={seed}", f"run.dir={run_dir}"]),
                                    cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
                 rec.update(rc=p.returncode, tail=(p.stdout + p.stderr)[-1500:])
             except subprocess.TimeoutExpired:
