@@ -14,8 +14,8 @@ stops the server. Loopback only; bounded in count and time.
 
 With --reload-at S the server watches the artifact root (`serve --reload-every 1`) and S seconds into
 the run a new version is published (a copy of the current one under a new name, CURRENT switched):
-recommend latency is reported for the 10 s before, the 10 s after and the rest, with the time the
-first answer came from the new version; --reload-control keeps the setup and publishes nothing;
+recommend latency is reported for the 10 s before, the 10 s after and the rest (each with its requests
+over 30 ms and its five slowest as [send time s, ms]), with the time the first answer came from the new version; --reload-control keeps the setup and publishes nothing;
 --reload-rollback publishes by pointing CURRENT at a version already there (writes no files).
 """
 
@@ -294,7 +294,10 @@ async def run_load(base: str, users: list[str], items: list, rate: float, second
         def window(lo: float, hi: float) -> dict:
             xs = np.array([ms for t, ms, _ in sent if lo <= t < hi])
             return ({"count": int(len(xs)), "p50_ms": round(float(np.percentile(xs, 50)), 2),
-                     "p99_ms": round(float(np.percentile(xs, 99)), 2), "max_ms": round(float(xs.max()), 2)}
+                     "p99_ms": round(float(np.percentile(xs, 99)), 2), "max_ms": round(float(xs.max()), 2),
+                     "over_30ms": int((xs > 30).sum()),
+                     "slowest": sorted(([round(t, 2), round(ms, 1)] for t, ms, _ in sent if lo <= t < hi),
+                                       key=lambda x: -x[1])[:5]}
                     if len(xs) else {"count": 0})
 
         out["reload"] = {"published_at_s": round(at, 2), "version": published["name"] or "(control: nothing published)",

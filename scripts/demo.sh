@@ -115,7 +115,7 @@ wait "$SERVER" 2>/dev/null || true
 trap - EXIT
 
 echo "== offline: what the server would answer every stored user -> $OUT/recs.jsonl"
-facetrec recommend "$OUT/artifact" --store "sqlite:///$OUT/state.db" --out "$OUT/recs.jsonl" --n 10
+facetrec recommend "$OUT/artifact" --store "sqlite:///$OUT/state.db" --out "$OUT/recs.jsonl" --n 10 --workers 2
 echo "== the events it received -> $OUT/served.tsv (for retraining: --set 'data.extra_events=[$OUT/served.tsv]')"
 facetrec dump-events --store "sqlite:///$OUT/state.db" --out "$OUT/served.tsv"
 

@@ -245,6 +245,8 @@ def recommend(
     users: Optional[Path] = typer.Option(None, help="A file of user ids, one per line (default: every user in the store)."),
     n: int = typer.Option(20, help="Recommendations per user."),
     device: str = typer.Option("cpu", help="Where the models run: cpu, cuda or auto."),
+    workers: int = typer.Option(1, help="Processes answering users side by side (one model thread each; e.g. the number "
+                                        "of cores). The output is the same, line for line."),
 ) -> None:
     """Recommendations for many users at once, offline: what POST /recommend would answer each of them."""
     from facetrec.serving.batch import batch_recommend
@@ -255,14 +257,22 @@ def recommend(
         p = Pipeline(artifact, device=device)
         if not 1 <= n <= p.n_items - 1:
             raise FacetrecError(f"--n {n} must be in [1, {p.n_items - 1}] (the catalogue size)")
+        if workers < 1:
+            raise FacetrecError(f"--workers {workers} must be >= 1")
         if users is not None:
             if not users.is_file():
                 raise FacetrecError(f"--users {users}: no such file; give one user id per line")
             ids = [line.strip() for line in users.read_text().splitlines() if line.strip()]
     except FacetrecError as e:
         _fail(e)
+    from concurrent.futures.process import BrokenProcessPool
+
     with _reading_store(store) as s:
-        stats = batch_recommend(p, s, out, n=n, users=ids)
+        try:
+            stats = batch_recommend(p, s, out, n=n, users=ids, workers=workers)
+        except BrokenProcessPool:
+            _fail(FacetrecError(f"a worker process died (out of memory?); nothing was written to {out}. "
+                                f"Run again with fewer --workers"))
     typer.echo(f"wrote {out}: {stats['users']} users ({stats['personal']} personal, {stats['cold_start']} cold start) "
                f"in {stats['seconds']} s")
 

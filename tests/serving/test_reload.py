@@ -120,3 +120,33 @@ def test_a_running_server_switches_to_a_new_export_without_failing_a_request(tin
     time.sleep(2)
     ready = httpx.get(f"{server.url}/readyz").json()
     assert ready["artifact"] == second and "vbroken" in ready["reload_error"], json.dumps(ready)
+
+
+def test_a_version_with_the_live_models_is_not_warmed_up_again(tiny, root, monkeypatch):
+    """reload_version: the same models (another export of them) skip the warm-up, whose shapes this process has
+    already run; other models (here: no ranker) are warmed up, with the pause between calls."""
+    from facetrec.serving.app import reload_version
+    from facetrec.serving.export import export
+
+    live = Pipeline(root)
+    calls = []
+    monkeypatch.setattr(Pipeline, "warm_up", lambda self, pause=0.0: calls.append((self.version_dir, pause)))
+    same = _export(tiny, root, candidates=20)
+    p = reload_version(same, live)
+    assert p.version_dir == same and p.model_specs() == live.model_specs() and calls == []
+    other = export(tiny.mind, root, None, top_m=30)  # recall only
+    p = reload_version(other, live, pause=0.01)
+    assert p.model_specs() != live.model_specs() and calls == [(other, 0.01)]
+
+
+def test_reload_cost_benchmark_runs(tiny, tmp_path):
+    """benchmarks/reload_cost.py, for real on the tiny artifact (one round)."""
+    from tests.conftest import ROOT
+
+    out = tmp_path / "cost.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reload_cost.py"), "--artifact", str(tiny.artifact),
+                        "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["new_version_same_models_no_warm_up"]["calls"] == res["history_lengths"] > 1
+    assert res["warm_up_seconds"]["cpu_median"] > 0 and res["load_seconds"]["cpu_median"] > 0

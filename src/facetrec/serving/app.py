@@ -266,6 +266,18 @@ class BodyGuard:
         return None, replay
 
 
+def reload_version(version: Any, live: Pipeline, pause: float = 0.005, **kwargs: Any) -> Pipeline:
+    """Load a new version while `live` answers requests in this process. It is warmed up only when its
+    models differ from the live version's (`Pipeline.model_specs`), with `pause` seconds between the
+    warm-up's calls. With the same models this process has already run every shape once, so the new
+    version's first calls are as fast as later ones; the warm-up would only cost about 0.2 s of CPU
+    per worker while requests are being answered (`benchmarks/reload_cost.py`)."""
+    p = Pipeline(version, **kwargs)
+    if p.model_specs() != live.model_specs():
+        p.warm_up(pause=pause)
+    return p
+
+
 class LivePipeline:
     """The pipeline a worker serves, switched to a new export when its artifact root's CURRENT changes.
 
@@ -548,13 +560,11 @@ def app_from_env() -> FastAPI:
     params = json.loads(os.environ.get("FACETREC_SEARCH_PARAMS", "{}"))
     device = os.environ.get("FACETREC_DEVICE", "cpu")
 
-    def load(version) -> Pipeline:
-        p = Pipeline(version, search_params=params, device=device)
-        p.warm_up()
-        return p
-
-    live = LivePipeline(load(os.environ["FACETREC_ARTIFACT"]), root=os.environ.get("FACETREC_ARTIFACT_ROOT") or None,
-                        load=load, every=float(os.environ.get("FACETREC_RELOAD_EVERY", "0")))
+    first = Pipeline(os.environ["FACETREC_ARTIFACT"], search_params=params, device=device)
+    first.warm_up()
+    live = LivePipeline(first, root=os.environ.get("FACETREC_ARTIFACT_ROOT") or None,
+                        load=lambda v: reload_version(v, live.pipeline, search_params=params, device=device),
+                        every=float(os.environ.get("FACETREC_RELOAD_EVERY", "0")))
     live.start()
     store = open_store(os.environ.get("FACETREC_STORE", "sqlite:///runs/state.db"))
     return create_app(live, store)

@@ -296,6 +296,11 @@ class Pipeline:
         keep = ids[0] > 0
         return [(self.raw_items[int(i)], float(s)) for i, s in zip(ids[0][keep], scores[0][keep])]
 
+    def model_specs(self) -> tuple:
+        """What the version's models are (class and typed config per part): two versions with equal specs
+        run the same code on the same shapes, only with other weights."""
+        return tuple((type(m).__name__, getattr(m, "cfg", None)) for m in (self.retrieval, self.ranking) if m is not None)
+
     SEARCH_PARAMS = {"hnsw": ("efSearch",), "ivf": ("nprobe",), "ivfpq": ("nprobe",), "exact": ()}
 
     def set_search_params(self, params: dict[str, int]) -> None:
@@ -315,12 +320,17 @@ class Pipeline:
             except (ValueError, TypeError) as e:
                 raise ArtifactError(f"search parameter {key}={value!r}: {e}") from None
 
-    def warm_up(self) -> None:
+    def warm_up(self, pause: float = 0.0) -> None:
         """Run every history length once, so that first requests do not pay for TorchScript's
-        per-shape profiling and optimisation (a p99 spike otherwise)."""
+        per-shape profiling and optimisation (a p99 spike otherwise). `pause` seconds between calls
+        hand the CPU and the GIL back to the requests a live version is answering meanwhile."""
+        import time
+
         hist = self.popular[: self.max_history + 1].astype(np.int64)
         for L in range(1, len(hist) + 1):
             self.recommend(hist[:L], n=min(10, self.n_items - 1))
+            if pause > 0:
+                time.sleep(pause)
 
     def _fill(self, out: list[Recommended], n: int, skip: np.ndarray) -> list[Recommended]:
         """Top up with popular items (cold start, tiny catalogues, heavy exclusion)."""
