@@ -271,8 +271,8 @@ def recommend(
         try:
             stats = batch_recommend(p, s, out, n=n, users=ids, workers=workers)
         except BrokenProcessPool:
-            _fail(FacetrecError(f"a worker process died (out of memory?); nothing was written to {out}. "
-                                f"Run again with fewer --workers"))
+            _fail(FacetrecError(f"a worker process stopped (out of memory, or the artifact's files changed under it); "
+                                f"nothing was written to {out}. Run again, with fewer --workers if memory is short"))
     typer.echo(f"wrote {out}: {stats['users']} users ({stats['personal']} personal, {stats['cold_start']} cold start) "
                f"in {stats['seconds']} s")
 
