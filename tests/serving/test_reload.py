@@ -68,7 +68,9 @@ def test_check_swaps_in_a_new_export_and_keeps_the_old_one_when_the_new_one_is_b
     ready = client.get("/readyz").json()
     assert ready["artifact"] == second.name and "ranking.safetensors" in ready["reload_error"]
     assert client.post("/recommend", json={"history": hist, "n": 5}).status_code == 200
-    assert 'facetrec_artifact_reloads_total{result="failed"} 1.0' in client.get("/metrics").text
+    metrics = client.get("/metrics").text
+    assert 'facetrec_artifact_reloads_total{result="failed"} 1.0' in metrics
+    assert f'facetrec_artifact_info{{version="{second.name}"}} 1.0' in metrics and first.name not in metrics
 
     (root / "CURRENT").write_text(second.name)  # CURRENT back on the version served: nothing left to report
     assert not live.check() and live.error is None and "reload_error" not in client.get("/readyz").json()

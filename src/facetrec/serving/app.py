@@ -379,13 +379,17 @@ def create_app(pipeline: Union[Pipeline, LivePipeline], store: UserStore) -> Fas
 
     class Reloads:  # read from the LivePipeline at each scrape
         def collect(self):
-            from prometheus_client.core import CounterMetricFamily
+            from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
             c = CounterMetricFamily("facetrec_artifact_reloads", "New exports loaded (ok) or refused (failed) while serving",
                                     labels=["result"])
             for result, n in live.reloads.items():
                 c.add_metric([result], n)
             yield c
+            g = GaugeMetricFamily("facetrec_artifact_info", "The artifact version this worker serves (value 1)",
+                                  labels=["version"])
+            g.add_metric([live.pipeline.version], 1)
+            yield g
 
     registry.register(Reloads())
     known = {"/recommend", "/events", "/healthz", "/readyz", "/metrics"}
