@@ -246,7 +246,7 @@ def recommend(
     n: int = typer.Option(20, help="Recommendations per user."),
     device: str = typer.Option("cpu", help="Where the models run: cpu, cuda or auto."),
     workers: int = typer.Option(1, help="Processes answering users side by side (one model thread each; e.g. the number "
-                                        "of cores). The output is the same, line for line."),
+                                        "of cores). The same lines in the same order, scores to float rounding."),
 ) -> None:
     """Recommendations for many users at once, offline: what POST /recommend would answer each of them."""
     from facetrec.serving.batch import batch_recommend

@@ -270,7 +270,7 @@ def reload_version(version: Any, live: Pipeline, pause: float = 0.005, **kwargs:
     """Load a new version while `live` answers requests in this process. It is warmed up only when its
     models differ from the live version's (`Pipeline.model_specs`), with `pause` seconds between the
     warm-up's calls. With the same models this process has already run every shape once, so the new
-    version's first calls are as fast as later ones; the warm-up would only cost about 0.2 s of CPU
+    version's first calls are as fast as later ones; the warm-up would only cost about 0.14 s of CPU
     per worker while requests are being answered (`benchmarks/reload_cost.py`)."""
     p = Pipeline(version, **kwargs)
     if p.model_specs() != live.model_specs():

@@ -8,7 +8,8 @@ full event count for K'_u), so a line of the output is what the service would an
 Without `--users` every user with a stored event is written. One JSON object per line:
 {"user_id", "path", "items": [{"item_id", "score", "interest"}]}; the file is written to a temp
 name and renamed, so a crash leaves no half file. `--workers N` answers the users in N processes
-(one model thread each); the lines come out in the same order and with the same content as with one.
+(one model thread each); the lines come out in the same order, with the same items, as with one
+(scores to float rounding: the workers' one thread may sum in another order).
 """
 
 from __future__ import annotations

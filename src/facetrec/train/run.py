@@ -133,13 +133,13 @@ def train(cfg: Config, progress: bool = True, rank: int = 0, world: int = 1) -> 
     elif name in ("mind", "youtubednn"):
         from facetrec.train.retrieval import build_mind, retrieval_task
 
-        model = build_mind(cfg, prep, run_dir, fresh=not (run_dir / "last.pt").exists()).to(device)
+        model = build_mind(cfg, prep, run_dir if rank == 0 else None, fresh=not (run_dir / "last.pt").exists()).to(device)
         result = fit(retrieval_task(cfg, prep, model, device, rank, world), cfg.train, run_dir, rank=rank, progress=progress)
         metrics = _retrieval_metrics(cfg, prep, model, device)
     elif name in MULTITASK:
         from facetrec.train.multitask import build_ple, multitask_metrics, multitask_task
 
-        model = build_ple(cfg, prep, run_dir, fresh=not (run_dir / "last.pt").exists()).to(device)
+        model = build_ple(cfg, prep, run_dir if rank == 0 else None, fresh=not (run_dir / "last.pt").exists()).to(device)
         result = fit(multitask_task(cfg, prep, model, device, rank, world), cfg.train, run_dir, rank=rank, progress=progress)
         metrics = multitask_metrics(cfg, prep, model, device, run_dir if rank == 0 else None)
     else:
