@@ -110,7 +110,7 @@ def batch_recommend(pipeline: Pipeline, store: UserStore, out: str | Path, n: in
     t0 = time.perf_counter()
 
     def write(f) -> None:
-        bar = tqdm(desc="users", unit="user", disable=not progress)
+        bar = tqdm(desc="users", unit="user", disable=not progress, total=len(users) if isinstance(users, list) else None)
 
         def put(lines: list[tuple[str, str]]) -> None:
             for text, path in lines:
