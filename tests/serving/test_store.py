@@ -35,6 +35,7 @@ def test_repeated_event_id_is_stored_once(store):
     r = store.append([Event("x1", "u", "a", 1), Event("x2", "u", "b", 2)])
     assert (r.stored, r.duplicates, r.duplicate_ids) == (1, 1, ("x1",))
     assert store.history("u", 10) == [("a", 1), ("b", 2)]
+    assert store.count("u") == 2  # the duplicate is not counted
 
 
 def test_memories_round_trip(store):
@@ -67,6 +68,28 @@ def test_sqlite_survives_reopen(tmp_path):
     assert s2._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert s2._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     s2.close()
+
+
+def test_sqlite_counts_match_the_events_and_old_databases_get_them(tmp_path):
+    """count() reads the per-user counter the append transaction keeps; a database written before the counter
+    table existed gets it filled from its events on opening, once, whoever opens it first."""
+    path = tmp_path / "s.db"
+    s = SQLiteStore(path)
+    s.append([Event(f"a{i}", "u", "x", i) for i in range(5)] + [Event("b0", "v", "y", 1), Event("a0", "u", "x", 0)])
+    s.append([Event("a1", "u", "x", 1), Event("c0", "w", "z", 2)])  # one duplicate, one new user
+
+    def counted(db):
+        return dict(db.execute("SELECT user, COUNT(*) FROM events GROUP BY user").fetchall())
+
+    assert {u: s.count(u) for u in ("u", "v", "w", "nobody")} == {**counted(s._db), "nobody": 0} == {"u": 5, "v": 1, "w": 1, "nobody": 0}
+    s._db.execute("DROP TABLE counts")  # as a database from before the table
+    s.close()
+    s2, s3 = SQLiteStore(path), SQLiteStore(path)  # the second opening finds the table and leaves it
+    assert [s2.count(u) for u in ("u", "v", "w")] == [s3.count(u) for u in ("u", "v", "w")] == [5, 1, 1]
+    s3.append([Event("d0", "u", "x", 9)])
+    assert s2.count("u") == 6 == counted(s2._db)["u"]
+    s2.close()
+    s3.close()
 
 
 def test_two_processes_share_redis(redis_url):
@@ -105,3 +128,20 @@ def test_dump_events_writes_the_tsv_data_extra_events_reads(store, tmp_path):
     assert lines[0] == "user_id\titem_id\ttimestamp"
     assert sorted(lines[1:]) == ["u1\ti1\t10", "u1\ti2\t20", "u3\ti3\t30"]
     assert not [p for p in out.parent.iterdir() if p.name != "events.tsv"]  # no temp file left
+
+
+def test_store_count_benchmark_runs(tmp_path):
+    """benchmarks/store_count.py, for real on small sizes."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "count.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "store_count.py"), "--sizes", "20", "200", "--repeats", "3",
+                        "--appends", "5", "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert [x["user_events"] for x in res["count"] if x["user"] == "heavy"] == [20, 200]
+    assert res["single_event_append"]["appends"] == 5

@@ -70,7 +70,13 @@ class UserStore(Protocol):
 
 
 class SQLiteStore:
-    """SQLite in WAL mode with synchronous=FULL; safe to share across threads of one process."""
+    """SQLite in WAL mode with synchronous=FULL; safe to share across threads of one process.
+
+    Each user's event count is kept in `counts`, updated in the transaction that stores the events,
+    so `count` is one row read however long the history (COUNT(*) over the user's index entries took
+    4.8 ms at 100,000 events and 43 ms at 1,000,000, with the store's lock held: `benchmarks/store_count.py`).
+    A database written before the table existed gets it filled from `events` when first opened.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -92,6 +98,21 @@ class SQLiteStore:
             CREATE TABLE IF NOT EXISTS memories (user TEXT PRIMARY KEY, value BLOB NOT NULL);
             """
         )
+        self._ensure_counts()
+
+    def _ensure_counts(self) -> None:
+        """Create `counts` and, for a database written before it existed, fill it from `events`: in one
+        write transaction, so of several processes opening the same file one creates and fills it."""
+        cur = self._db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            if cur.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'counts'").fetchone() is None:
+                cur.execute("CREATE TABLE counts (user TEXT PRIMARY KEY, n INTEGER NOT NULL)")
+                cur.execute("INSERT INTO counts (user, n) SELECT user, COUNT(*) FROM events GROUP BY user")
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
 
     def append(self, events: Sequence[Event]) -> AppendResult:
         if not events:
@@ -101,15 +122,18 @@ class SQLiteStore:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
-                stored = 0
+                per_user: dict[str, int] = {}
                 for e in events:
                     cur.execute("INSERT OR IGNORE INTO events (event_id, user, item, ts) VALUES (?, ?, ?, ?)",
                                 (e.event_id, e.user, e.item, int(e.ts)))
                     if cur.rowcount == 1:
-                        stored += 1
+                        per_user[e.user] = per_user.get(e.user, 0) + 1
                     else:
                         dups.append(e.event_id)
-                cur.execute("COMMIT")  # synchronous=FULL: durable when this returns
+                cur.executemany("INSERT INTO counts (user, n) VALUES (?, ?) ON CONFLICT(user) DO UPDATE SET n = n + excluded.n",
+                                per_user.items())
+                stored = sum(per_user.values())
+                cur.execute("COMMIT")  # synchronous=FULL: durable (events and counts together) when this returns
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
@@ -123,7 +147,8 @@ class SQLiteStore:
 
     def count(self, user: str) -> int:
         with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM events WHERE user = ?", (user,)).fetchone()[0])
+            row = self._db.execute("SELECT n FROM counts WHERE user = ?", (user,)).fetchone()
+        return 0 if row is None else int(row[0])
 
     def events(self, chunk: int = 10_000) -> Iterator[tuple[str, str, int]]:
         """Every stored event as (user, item, ts), each user's in arrival order, users one after another;
