@@ -103,10 +103,13 @@ class SQLiteStore:
     def _ensure_counts(self) -> None:
         """Create `counts` and, for a database written before it existed, fill it from `events`: in one
         write transaction, so of several processes opening the same file one creates and fills it."""
+        exists = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'counts'"
+        if self._db.execute(exists).fetchone() is not None:
+            return  # the usual case: no write lock taken
         cur = self._db.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
-            if cur.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'counts'").fetchone() is None:
+            if cur.execute(exists).fetchone() is None:  # looked again under the lock: another process may have made it
                 cur.execute("CREATE TABLE counts (user TEXT PRIMARY KEY, n INTEGER NOT NULL)")
                 cur.execute("INSERT INTO counts (user, n) SELECT user, COUNT(*) FROM events GROUP BY user")
             cur.execute("COMMIT")
