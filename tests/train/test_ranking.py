@@ -119,3 +119,16 @@ def test_last_positions_keep_one_positive_per_user_with_its_negatives(synth_prep
         assert sorted(last.target[last.user == u]) == sorted(full.target[sel])
     with pytest.raises(ConfigError, match="train.positions"):
         training_positions(cfg("train.positions=first"), full)
+
+
+def test_a_model_section_that_does_not_fit_the_data_is_a_config_error(synth_prepared):
+    """An item field the prepared data lacks stops `facetrec train` with "error: ..." (exit 2), not a traceback."""
+    import pytest
+
+    from facetrec.errors import ConfigError
+    from facetrec.train.build import build_model, make_config
+
+    prep = Prepared(synth_prepared[0])
+    cfg = make_config("dien", {"item_fields": ["nope"]}, prep.n_items)
+    with pytest.raises(ConfigError, match="model section for dien does not fit the prepared data: .*'nope'"):
+        build_model("dien", cfg, prep.feature_tensors(), prep.field_vocab)

@@ -87,7 +87,12 @@ def make_config(name: str, params: dict[str, Any], n_items: int):
 
 
 def build_model(name: str, model_cfg, item_features: dict[str, torch.Tensor], field_vocab: dict[str, int]) -> torch.nn.Module:
-    return _model_class(name)(model_cfg, item_features, field_vocab)
+    """The model around a typed config; a config that does not fit the prepared data (an item field it
+    does not have, a size that disagrees) is a ConfigError naming the model section."""
+    try:
+        return _model_class(name)(model_cfg, item_features, field_vocab)
+    except ValueError as e:
+        raise ConfigError(f"model section for {name} does not fit the prepared data: {e}") from None
 
 
 def model_spec(name: str, model_cfg) -> dict[str, Any]:
