@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/reload_cost.py --artifact runs/serve-bench-ple/artifact-dien --out benchmarks/results/reload_cost.json
 
-One thread, as a worker runs its models (`torch.set_num_threads(1)`). For each history length 1..max_history + 1
+One thread, as a worker runs its models (`serving.pipeline.one_model_thread`). For each history length 1..max_history + 1
 (the shapes `Pipeline.warm_up` runs) one `recommend` call, timed, in three settings:
 - **cold process**: a fresh process loads the version and answers without a warm-up (a child process of this
   script): what the warm-up at `facetrec serve`'s start is for;
@@ -41,18 +41,6 @@ def first_calls(p) -> list[float]:
     return out
 
 
-def setup_threads() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(1)
-    except ImportError:
-        pass
-
-
 def summary(xs: list[float]) -> dict:
     a = np.array(xs)
     return {"calls": len(a), "median_ms": round(float(np.median(a)), 2), "max_ms": round(float(a.max()), 2),
@@ -66,9 +54,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--cold-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    setup_threads()
     from facetrec.serving.artifacts import resolve_version
-    from facetrec.serving.pipeline import Pipeline
+    from facetrec.serving.pipeline import Pipeline, one_model_thread
+
+    one_model_thread()
 
     version = resolve_version(args.artifact)
     if args.cold_child:

@@ -548,18 +548,12 @@ def app_from_env() -> FastAPI:
     """uvicorn factory for `facetrec serve` (each worker process builds its own app)."""
     import os
 
-    import torch
+    import json
 
+    from facetrec.serving.pipeline import one_model_thread
     from facetrec.serving.store import open_store
 
-    torch.set_num_threads(1)  # one thread per worker: two showed multi-second p99 stalls (SPEC §7)
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(1)  # likewise for the index search: workers are the parallelism
-    except ImportError:  # pragma: no cover - exact numpy index without the `ann` extra
-        pass
-    import json
+    one_model_thread()
 
     params = json.loads(os.environ.get("FACETREC_SEARCH_PARAMS", "{}"))
     device = os.environ.get("FACETREC_DEVICE", "cpu")

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from facetrec.serving.pipeline import STORE_READ, Pipeline, stored_history
+from facetrec.serving.pipeline import STORE_READ, Pipeline, one_model_thread, stored_history
 from facetrec.serving.store import UserStore
 
 
@@ -57,15 +57,7 @@ _worker: dict[str, Any] = {}
 
 def _start_worker(version_dir: str, device: str) -> None:
     """A worker process: one model thread (the processes are the parallelism), its own loaded version."""
-    import torch
-
-    torch.set_num_threads(1)
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(1)
-    except ImportError:  # pragma: no cover - the numpy index without the `ann` extra
-        pass
+    one_model_thread()
     _worker["pipeline"] = Pipeline(version_dir, device=device)
 
 

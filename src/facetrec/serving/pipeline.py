@@ -345,6 +345,18 @@ class Pipeline:
         return out
 
 
+def one_model_thread() -> None:
+    """One torch and one faiss thread in this process: serving workers and `recommend --workers` processes
+    are the parallelism (two threads per worker showed multi-second p99 stalls, SPEC §7)."""
+    torch.set_num_threads(1)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+    except ImportError:  # pragma: no cover - the exact numpy index without the `ann` extra
+        pass
+
+
 STORE_READ = 1000  # most recent stored events read per user (model window + seen-item exclusion)
 
 

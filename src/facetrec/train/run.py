@@ -287,7 +287,6 @@ def evaluate(run_dir: str | Path, progress: bool = True, overrides: list[str] | 
     if overrides and out_path is None:
         raise ConfigError("evaluating with overrides writes elsewhere than the run's metrics.json: give an output "
                           "file too (facetrec evaluate RUN_DIR --set KEY=VALUE --out FILE.json)")
-    check_eval_overrides(overrides)
     cfg = load_run_config(run_dir, overrides)
     name = model_name(cfg)
     check_eval_overrides(overrides, name)
